@@ -1,0 +1,6 @@
+//! `ekey-host`: the Entropy Key daemon and tools, as a library.
+//!
+//! Work in progress: today it has the built-in software key
+//! ([`soft::SoftKey`]) that `ekey-host run --emulate` runs on.
+
+pub mod soft;
