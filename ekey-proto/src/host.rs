@@ -622,7 +622,15 @@ impl Session {
             self.counters.stale = self.counters.stale.saturating_add(1);
             return;
         };
-        if !keys.verify(frame) {
+        // For E! frames the pad is computed alongside the MAC (faster); it
+        // is used only if the MAC verifies.
+        let (authentic, pad) = if kind == b'E' {
+            let (ok, pad) = keys.verify_with_pad(frame);
+            (ok, Some(pad))
+        } else {
+            (keys.verify(frame), None)
+        };
+        if !authentic {
             self.bad_mac(now, kind);
             return;
         }
@@ -641,9 +649,7 @@ impl Session {
             }
         };
         match packet {
-            Packet::Entropy { seq, subcode, data } => {
-                self.handle_entropy(now, seq, subcode, data, rng)
-            }
+            Packet::Entropy { seq, data, .. } => self.handle_entropy(now, seq, pad, data, rng),
             Packet::Info(text) => self.handle_info(now, &text),
             Packet::RekeyRequest(_) => self.handle_rekey_request(now, rng),
             Packet::SessionRekey { nonce_len, entropy } => {
@@ -831,7 +837,7 @@ impl Session {
         &mut self,
         now: Instant,
         seq: u16,
-        subcode: [u8; 2],
+        pad: Option<[u8; BLOCK_LEN]>,
         data: [u8; BLOCK_LEN],
         rng: &mut R,
     ) {
@@ -847,8 +853,7 @@ impl Session {
             self.push_event(Event::Fault(Fault::Replay { seq, last }));
             return;
         }
-        let Some(keys) = &self.keys else { return };
-        let pad = keys.pad(subcode);
+        let Some(pad) = pad else { return };
         let mut plain = data;
         for (p, k) in plain.iter_mut().zip(pad.iter()) {
             *p ^= k;
