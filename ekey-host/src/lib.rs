@@ -3,4 +3,7 @@
 //! Work in progress: today it has the built-in software key
 //! ([`soft::SoftKey`]) that `ekey-host run --emulate` runs on.
 
+pub mod driver;
+pub mod keyring;
 pub mod soft;
+pub mod transport;

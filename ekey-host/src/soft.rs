@@ -52,6 +52,50 @@ impl SoftKey {
     }
 }
 
+/// Frame slot length for a software key that should deliver about `rate`
+/// bytes of entropy a second (32 bytes a frame).
+pub fn slot_for_rate(rate: u32) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(32.0 / f64::from(rate.max(1)))
+}
+
+/// Serves `key` on `link` until the link closes: commands in, one frame per
+/// `slot` out. Every plaintext block sent is appended to `record`, in order.
+pub async fn serve<L>(
+    link: &mut L,
+    key: &mut SoftKey,
+    slot: std::time::Duration,
+    mut record: Option<&mut (dyn std::io::Write + Send)>,
+) -> std::io::Result<()>
+where
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tick = tokio::time::interval(slot);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = [0u8; 512];
+    loop {
+        tokio::select! {
+            r = link.read(&mut buf) => {
+                let n = r?;
+                if n == 0 {
+                    return Ok(());
+                }
+                key.write(&buf[..n]);
+            }
+            _ = tick.tick() => {
+                if let Some(o) = key.poll() {
+                    if let (Some(sent), Some(rec)) = (o.entropy, record.as_deref_mut()) {
+                        rec.write_all(&sent.data)?;
+                        rec.flush()?;
+                    }
+                    link.write_all(&o.bytes).await?;
+                    link.flush().await?;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

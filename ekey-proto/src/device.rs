@@ -93,6 +93,9 @@ pub struct Faults {
     pub failure_mode: Option<FailureMode>,
     /// Send a `B>` (generators bad) instead of the next `K!`.
     pub bad_generators_on_rekey: bool,
+    /// A lying key: keep sending entropy while reporting a failure mode
+    /// (a host must not release it).
+    pub keep_sending_when_failed: bool,
 }
 
 /// What one frame slot produced.
@@ -461,6 +464,10 @@ impl Device {
         mac: Option<Skein256>,
         entropy: [u8; BLOCK_LEN],
     ) {
+        if !self.failure.is_ok() && !self.faults.keep_sending_when_failed {
+            // A key in a failure mode has locked itself: no re-keying.
+            return;
+        }
         if !long_term {
             if self.faults.bad_generators_on_rekey {
                 self.faults.bad_generators_on_rekey = false;
@@ -633,7 +640,7 @@ impl Device {
             return Some(self.info_packet(phase));
         }
         self.idle_polls = self.idle_polls.wrapping_add(1);
-        if !self.failure.is_ok() {
+        if !self.failure.is_ok() && !self.faults.keep_sending_when_failed {
             // A failed key only reports, once a cycle.
             if self
                 .idle_polls

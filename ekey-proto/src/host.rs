@@ -39,9 +39,13 @@
 //! Policy, where ekeyd's choices are not protocol facts (PROTOCOL.md §6):
 //! - a frame whose MAC fails is dropped and counted; only
 //!   [`Config::max_consecutive_bad_macs`] bad frames in a row reset the key;
-//! - the first frame after a session re-key failing its MAC means the
-//!   long-term key is wrong: no entropy, and a retry after a back-off that
-//!   doubles from [`Config::rejected_backoff`] to [`Config::max_backoff`];
+//! - frames after a session re-key that fail their MAC before any frame has
+//!   verified under the new key mean the long-term key is wrong (ekeyd
+//!   decides on the first frame; we wait for
+//!   [`Config::max_consecutive_bad_macs`] of them, so that one bit error
+//!   cannot condemn a good key): no entropy, and a retry after a back-off
+//!   that doubles from [`Config::rejected_backoff`] to
+//!   [`Config::max_backoff`];
 //! - within one session key, sequence numbers must increase: a replayed or
 //!   older frame is dropped and counted;
 //! - the host re-keys on seeing sequence 4095 without waiting for `k>`, and
@@ -298,8 +302,9 @@ pub struct DeviceInfo {
 }
 
 /// What a session reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+///
+/// `Debug` (and `defmt::Format`) never show the bytes of an entropy block.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Event {
     /// 32 verified, decrypted bytes of entropy.
     Entropy {
@@ -326,6 +331,39 @@ pub enum Event {
         /// Resets without an answer.
         attempts: u32,
     },
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Entropy { seq, .. } => write!(f, "Entropy {{ seq: {seq}, data: <32 bytes> }}"),
+            Event::Serial(s) => write!(f, "Serial({s:?})"),
+            Event::Info(i) => write!(f, "Info({i:?})"),
+            Event::StateChanged { state, reason } => {
+                write!(f, "StateChanged {{ state: {state:?}, reason: {reason:?} }}")
+            }
+            Event::Fault(x) => write!(f, "Fault({x:?})"),
+            Event::Unresponsive { attempts } => {
+                write!(f, "Unresponsive {{ attempts: {attempts} }}")
+            }
+        }
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for Event {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        match self {
+            Event::Entropy { seq, .. } => defmt::write!(f, "Entropy {{ seq: {} }}", seq),
+            Event::Serial(s) => defmt::write!(f, "Serial({})", s),
+            Event::Info(i) => defmt::write!(f, "Info({})", i),
+            Event::StateChanged { state, reason } => {
+                defmt::write!(f, "StateChanged {{ state: {}, reason: {} }}", state, reason)
+            }
+            Event::Fault(x) => defmt::write!(f, "Fault({})", x),
+            Event::Unresponsive { attempts } => defmt::write!(f, "Unresponsive({})", attempts),
+        }
+    }
 }
 
 /// Counters for a status page. They only grow.
@@ -366,6 +404,9 @@ pub struct Counters {
     pub warnings: u64,
     /// `I>` frames.
     pub info_frames: u64,
+    /// Events dropped because the caller did not drain the queue (never
+    /// entropy).
+    pub events_dropped: u64,
 }
 
 const EVENT_CAPACITY: usize = 8;
@@ -556,12 +597,14 @@ impl Session {
     // ----- internals -----
 
     fn push_event(&mut self, e: Event) {
-        // Space is reserved before each frame; should the queue still be
-        // full, the oldest event gives way rather than the newest.
-        if self.events.is_full() {
-            let _ = self.events.pop_front();
+        // `handle_input` reserves room for a frame's events before it takes
+        // input, so entropy always fits. Only a caller that stops draining
+        // while calling `handle_timeout` or `reset` can fill the queue; then
+        // the newest (never an entropy) event is dropped and counted.
+        if let Err(e) = self.events.push_back(e) {
+            debug_assert!(!matches!(e, Event::Entropy { .. }));
+            self.counters.events_dropped = self.counters.events_dropped.saturating_add(1);
         }
-        let _ = self.events.push_back(e);
     }
 
     fn set_state(&mut self, state: State, reason: Reason) {
@@ -681,12 +724,15 @@ impl Session {
     fn bad_mac(&mut self, now: Instant, kind: u8) {
         self.counters.bad_macs = self.counters.bad_macs.saturating_add(1);
         self.push_event(Event::Fault(Fault::BadMac { kind }));
-        if self.unconfirmed {
-            self.reject_long_term_key(now);
+        self.consecutive_bad = self.consecutive_bad.saturating_add(1);
+        if self.consecutive_bad < self.config.max_consecutive_bad_macs {
             return;
         }
-        self.consecutive_bad = self.consecutive_bad.saturating_add(1);
-        if self.consecutive_bad >= self.config.max_consecutive_bad_macs {
+        if self.unconfirmed {
+            // Not one frame verified under the new session key: the
+            // long-term key it was derived from is wrong.
+            self.reject_long_term_key(now);
+        } else {
             self.send_reset(now, Reason::PersistentBadMacs);
         }
     }

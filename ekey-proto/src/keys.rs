@@ -121,8 +121,17 @@ fn decode_exact(text: &[u8], chars: usize, out: &mut [u8]) -> Result<(), KeyText
 macro_rules! secret_key {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+        #[derive(Clone, Zeroize, ZeroizeOnDrop)]
         pub struct $name([u8; KEY_LEN]);
+
+        /// Constant-time, like [`ct_eq`]($name::ct_eq).
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.ct_eq(other)
+            }
+        }
+
+        impl Eq for $name {}
 
         impl $name {
             /// Wraps 32 key bytes.

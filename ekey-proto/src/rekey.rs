@@ -70,6 +70,9 @@ pub enum MasterKeyError {
     },
     /// The check byte does not match: a character was mistyped.
     CheckByte,
+    /// 43 characters: one is missing (a key without check byte ends with
+    /// the filler `=` and has 44).
+    Missing,
 }
 
 impl fmt::Display for MasterKeyError {
@@ -84,6 +87,10 @@ impl fmt::Display for MasterKeyError {
                 f,
                 "the master key has 44 characters (spaces don't count); {found} were given"
             ),
+            MasterKeyError::Missing => f.write_str(
+                "the master key has 43 characters: one is missing (a key printed without \
+                 check digit ends with '=')",
+            ),
             MasterKeyError::CheckByte => f.write_str(
                 "the master key's check digit does not match: look for a typing error \
                  (0/O, 1/l/I, case) and try again",
@@ -95,8 +102,13 @@ impl fmt::Display for MasterKeyError {
 impl core::error::Error for MasterKeyError {}
 
 /// Parses a master key as printed: 44 PEM64 characters (32 key bytes and a
-/// CRC-8 check byte), spaces and dashes ignored; or 43–44 characters that
-/// encode exactly 32 bytes (the 44th being `=`), without a check byte.
+/// CRC-8 check byte), spaces and dashes ignored; or 44 characters ending in
+/// the filler `=` that encode exactly 32 bytes, without a check byte.
+///
+/// Unlike PROTOCOL.md's "43–44 characters", 43 characters are refused
+/// ([`MasterKeyError::Missing`]): they are far more often a printed key with
+/// a character left out than a key without its filler, and a wrong master
+/// key sent to the key counts towards its lock-out.
 pub fn parse_master_key(printed: &str) -> Result<MasterKey, MasterKeyError> {
     let mut chars = [0u8; 44];
     let mut n = 0usize;
@@ -125,17 +137,11 @@ fn decode_master(chars: &[u8; 44], n: usize) -> Result<MasterKey, MasterKeyError
     let mut raw = [0u8; 33];
     let result = (|| {
         match n {
-            43 => {
-                // 32 bytes without the trailing filler.
-                let mut padded = *chars;
-                padded[43] = b'=';
-                let r = pem::decode(&padded, &mut raw);
-                padded.zeroize();
-                match r {
-                    Ok(KEY_LEN) => {}
-                    _ => return Err(MasterKeyError::Length { found: n }),
-                }
-            }
+            // 43 characters are most likely a printed key with one left out:
+            // decoding them as a key without check byte would turn a typing
+            // error into a wrong-MAC attempt that counts towards the key's
+            // lock-out. A key without check byte has its filler: 44 chars.
+            43 => return Err(MasterKeyError::Missing),
             44 => match pem::decode(chars, &mut raw) {
                 Ok(33) => {
                     let (key, check) = raw.split_at(KEY_LEN);
@@ -293,7 +299,9 @@ pub enum RekeyOutcome {
         /// Found.
         found: Serial,
     },
-    /// The key reported another nonce length than was sent.
+    /// The key reported another nonce length than was sent. The key has
+    /// stored a long-term key from a nonce the host did not send: run the
+    /// re-key again.
     NonceLength {
         /// Bytes the key says it received.
         received: u16,
@@ -302,6 +310,10 @@ pub enum RekeyOutcome {
     TimedOut {
         /// The step that timed out last.
         step: RekeyStep,
+        /// An `L` command reached the key in some attempt: the key may have
+        /// stored a new long-term key whose reply was lost. Run the re-key
+        /// again (with the master key) before trusting the old keyring entry.
+        key_may_have_changed: bool,
     },
 }
 
@@ -324,6 +336,8 @@ pub struct LongTermRekey {
     transmit: heapless::Vec<u8, 64>,
     outcome: Option<RekeyOutcome>,
     bad_frames: u64,
+    /// An `L` command has been sent in some attempt.
+    sent_long_term: bool,
 }
 
 impl fmt::Debug for LongTermRekey {
@@ -359,6 +373,7 @@ impl LongTermRekey {
             transmit: heapless::Vec::new(),
             outcome: None,
             bad_frames: 0,
+            sent_long_term: false,
         };
         s.restart(now);
         Ok(s)
@@ -427,7 +442,11 @@ impl LongTermRekey {
         }
         if self.attempts > self.config.retries {
             let step = self.step;
-            self.finish(RekeyOutcome::TimedOut { step });
+            let key_may_have_changed = self.sent_long_term;
+            self.finish(RekeyOutcome::TimedOut {
+                step,
+                key_may_have_changed,
+            });
         } else {
             self.restart(now);
         }
@@ -493,6 +512,7 @@ impl LongTermRekey {
                     let _ = self.transmit.extend_from_slice(buf.get(..n).unwrap_or(&[]));
                 }
                 self.step = RekeyStep::Rekeying;
+                self.sent_long_term = true;
                 self.deadline = Some(now + self.config.step_timeout);
             }
             (RekeyStep::Unlocking | RekeyStep::Rekeying, Packet::LongTermRefused(text)) => {

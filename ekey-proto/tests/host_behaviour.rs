@@ -150,7 +150,6 @@ fn lost_rekey_reply_times_out_and_recovers() {
     assert!(p.run_until(100, |p| p.session.state() == State::Rekeying));
     // The K never reaches the key.
     let _ = p.session.poll_transmit();
-    p.device.faults_mut().garbage = 0;
     p.connected = false;
     p.run(300); // > 3 s
     assert!(p.session.counters().rekey_timeouts >= 1);
@@ -182,7 +181,7 @@ fn wrong_serial_is_refused() {
 
 #[test]
 fn nonce_length_mismatch_resets() {
-    // A K! claiming 5 nonce bytes, built by a key with the same serial.
+    // A K! reporting 3 nonce bytes where the host sent 12.
     let mut p = Pair::with_device(Config::default(), DeviceConfig::new(SERIAL, ltk()));
     assert!(p.run_until(100, |p| p.session.state() == State::Rekeying));
     let _ = p.session.poll_transmit();
@@ -232,4 +231,96 @@ fn timeouts_are_reported_through_poll_timeout() {
     let p = Pair::new(Config::default());
     // Right after start, the reset deadline is pending.
     assert_eq!(p.session.poll_timeout(), Some(Instant::from_millis(2000)));
+}
+
+#[test]
+fn entropy_from_a_key_reporting_failure_is_never_released() {
+    let mut p = Pair::new(Config::default());
+    assert!(p.run_until(100, |p| !p.released.is_empty()));
+    // A lying key: reports a failure mode but keeps sending entropy.
+    p.device.faults_mut().keep_sending_when_failed = true;
+    p.device.faults_mut().failure_mode = Some(FailureMode::LeftBiased);
+    assert!(p.run_until(200, |p| matches!(p.session.state(), State::Failed(_))));
+    let released = p.released.len();
+    let sent = p.sent.len();
+    p.run(500);
+    assert!(p.sent.len() > sent + 300, "the key kept sending");
+    assert_eq!(
+        p.released.len(),
+        released,
+        "nothing released after the failure report"
+    );
+    assert!(p.session.counters().unexpected > 300);
+}
+
+#[test]
+fn serial_frame_with_a_bad_mac_is_not_believed() {
+    let mut p = Pair::new(Config::default());
+    // A real key's S! (frames.json) with one MAC character changed.
+    let mut frame = *b"* S!AANwBvBlg3OTBJORFD                                Al/Smw1b\r\n";
+    frame[55] = b'X';
+    p.feed(&frame);
+    assert_eq!(p.session.state(), State::Resetting);
+    assert_eq!(p.session.serial(), None);
+    assert_eq!(p.session.counters().bad_macs, 1);
+    frame[55] = b'l';
+    p.feed(&frame);
+    assert_eq!(p.session.serial().unwrap().to_string(), "NwBvBlg3OTBJORFD");
+}
+
+#[test]
+fn unsolicited_session_rekey_reply_is_ignored_and_the_session_recovers() {
+    let mut p = Pair::new(Config::default());
+    assert!(p.run_until(100, |p| p.released.len() >= 3));
+    // Someone else re-keys the key behind the host's back.
+    p.device.handle_input(b"KAAAAAAAAAAAAAAAA.", &mut p.noise);
+    assert!(p.run_until(200, |p| {
+        reasons(p).contains(&(State::Resetting, Reason::PersistentBadMacs))
+    }));
+    assert!(
+        p.session.counters().unexpected >= 1,
+        "the K! was not the host's"
+    );
+    assert!(p.run_until(200, |p| p.session.state() == State::Running));
+    let authentic: Vec<_> = p.sent.iter().map(|s| s.data).collect();
+    let mut it = authentic.iter();
+    assert!(
+        p.released.iter().all(|b| it.any(|a| a == b)),
+        "released only the key's blocks, in order"
+    );
+}
+
+#[test]
+fn key_that_keeps_asking_for_a_key_is_reset() {
+    let mut p = Pair::new(Config::default());
+    p.drop_commands = true; // every K is lost; the key keeps sending k>
+    assert!(p.run_until(300, |p| {
+        reasons(p).contains(&(State::Resetting, Reason::RekeyLoop))
+    }));
+}
+
+#[test]
+fn key_that_goes_quiet_is_reset_after_the_idle_timeout() {
+    let mut p = Pair::new(Config::default());
+    assert!(p.run_until(100, |p| p.session.state() == State::Running));
+    let t = p.now;
+    p.connected = false;
+    assert!(p.run_until(1200, |p| {
+        reasons(p).contains(&(State::Resetting, Reason::Idle))
+    }));
+    assert!(p.now.saturating_duration_since(t).as_millis() >= 10_000);
+}
+
+#[test]
+fn one_bad_frame_right_after_a_rekey_does_not_condemn_a_good_long_term_key() {
+    let mut p = Pair::new(Config::default());
+    assert!(p.run_until(100, |p| p.session.state() == State::Rekeying));
+    // The K! is fine; the first frame under the new key is corrupted.
+    p.run(1);
+    p.device.faults_mut().corrupt_macs = 1;
+    p.run(20);
+    assert_eq!(p.session.counters().bad_macs, 1);
+    assert_eq!(p.session.counters().long_term_key_rejections, 0);
+    assert_eq!(p.session.state(), State::Running);
+    assert!(!p.released.is_empty());
 }

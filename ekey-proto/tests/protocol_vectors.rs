@@ -7,9 +7,9 @@ use common::{arr, hex, load};
 use ekey_proto::crypto::{
     FrameKeys, derive_long_term_key, derive_session_key, long_term_nonce_mac,
 };
-use ekey_proto::keys::{LongTermKey, MasterKey, Serial, SessionKey};
-use ekey_proto::rekey::{mac_command, parse_master_key, print_master_key};
-use ekey_proto::wire::info::{FailureMode, InfoItem, parse_items};
+use ekey_proto::keys::{LongTermKey, Serial, SessionKey};
+use ekey_proto::rekey::{MasterKeyError, mac_command, parse_master_key, print_master_key};
+use ekey_proto::wire::info::{InfoItem, parse_items};
 use ekey_proto::wire::packet::Packet;
 
 fn frame_of(s: &str) -> [u8; 64] {
@@ -148,12 +148,46 @@ fn long_term_rekeys_match() {
             hex::encode(ltk.as_bytes()),
             c["new_long_term_key"].as_str().unwrap()
         );
-        let _ = MasterKey::from_bytes([0; 32]);
     }
 }
 
 #[test]
-fn failure_mode_letters() {
-    assert_eq!(FailureMode::from_char(b'3'), FailureMode::Correlated);
-    assert_eq!(FailureMode::Correlated.to_string(), "generators correlated");
+fn master_key_typing_errors_are_caught_before_any_traffic() {
+    let v = load("keying.json");
+    for c in v["long_term_rekey"].as_array().unwrap() {
+        let printed = c["master_key_printed"].as_str().unwrap();
+        // Every single-character substitution is caught by the check byte
+        // or the length, and none yields a key.
+        for i in 0..printed.len() {
+            for sub in ['A', 'z', '0', '+'] {
+                let mut typo: Vec<u8> = printed.as_bytes().to_vec();
+                if typo[i] == sub as u8 {
+                    continue;
+                }
+                typo[i] = sub as u8;
+                let typo = String::from_utf8(typo).unwrap();
+                let r = parse_master_key(&typo);
+                // A change in the low bits of the last character can leave
+                // the check byte's value intact only if it is the check
+                // byte's own padding; everything else must fail.
+                if let Ok(k) = r {
+                    panic!(
+                        "typo at {i} accepted as a key ({} bytes)",
+                        k.as_bytes().len()
+                    );
+                }
+            }
+            // A dropped character is refused as such.
+            let dropped: String = printed
+                .chars()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, c)| c)
+                .collect();
+            assert_eq!(
+                parse_master_key(&dropped).unwrap_err(),
+                MasterKeyError::Missing
+            );
+        }
+    }
 }

@@ -76,7 +76,10 @@ fn wrong_master_key_is_refused_and_key_unchanged() {
 fn repeated_wrong_master_keys_lock_the_key_out() {
     let mut dev = device(Some(MASTER));
     for _ in 0..3 {
-        let _ = exchange(&mut dev, [0x01; 32], RekeyConfig::default());
+        match exchange(&mut dev, [0x01; 32], RekeyConfig::default()) {
+            RekeyOutcome::Refused { refusal, .. } => assert_eq!(refusal, Refusal::WrongMasterKey),
+            other => panic!("{other:?}"),
+        }
     }
     // Even the right key is refused now: locked.
     match exchange(&mut dev, MASTER, RekeyConfig::default()) {
@@ -117,7 +120,52 @@ fn silent_key_times_out_after_retries() {
     assert!(matches!(
         r.outcome(),
         Some(RekeyOutcome::TimedOut {
-            step: RekeyStep::Resetting
+            step: RekeyStep::Resetting,
+            key_may_have_changed: false
         })
     ));
+}
+
+#[test]
+fn lost_long_term_reply_says_the_key_may_have_changed() {
+    // The key takes the new long-term key, but its L! never verifies.
+    let mut dev = device(Some(MASTER));
+    let before = dev.long_term_key().clone();
+    let mut noise = ChaCha20Rng::seed_from_u64(5);
+    let mut rng = ChaCha20Rng::seed_from_u64(6);
+    let cfg = RekeyConfig {
+        retries: 0,
+        ..RekeyConfig::default()
+    };
+    let mut r =
+        LongTermRekey::new(cfg, MasterKey::from_bytes(MASTER), Instant::ZERO, &mut rng).unwrap();
+    let mut now = Instant::ZERO;
+    for _ in 0..2000 {
+        now = Instant::from_millis(now.millis() + 11);
+        while let Some(t) = r.poll_transmit() {
+            if t.first() == Some(&b'L') {
+                dev.faults_mut().corrupt_macs = 1;
+            }
+            dev.handle_input(&t, &mut noise);
+        }
+        if let Some(o) = dev.poll(&mut noise) {
+            let mut input: &[u8] = &o.bytes;
+            while !input.is_empty() {
+                let n = r.handle_input(now, input);
+                input = &input[n..];
+            }
+        }
+        r.handle_timeout(now);
+        if r.outcome().is_some() {
+            break;
+        }
+    }
+    assert!(matches!(
+        r.outcome(),
+        Some(RekeyOutcome::TimedOut {
+            step: RekeyStep::Rekeying,
+            key_may_have_changed: true
+        })
+    ));
+    assert!(!dev.long_term_key().ct_eq(&before), "the key did change");
 }

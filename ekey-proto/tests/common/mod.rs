@@ -67,8 +67,10 @@ pub struct Pair {
     pub events: Vec<Event>,
     pub sent: Vec<SentBlock>,
     pub released: Vec<[u8; 32]>,
-    /// When false, the key's frames are not delivered (an unplugged cable).
+    /// When false, nothing crosses the link (an unplugged cable).
     pub connected: bool,
+    /// When true, the host's commands are lost on the way to the key.
+    pub drop_commands: bool,
 }
 
 impl Pair {
@@ -88,6 +90,7 @@ impl Pair {
             sent: Vec::new(),
             released: Vec::new(),
             connected: true,
+            drop_commands: false,
         }
     }
 
@@ -114,7 +117,7 @@ impl Pair {
     pub fn step(&mut self) {
         self.now = Instant::from_millis(self.now.millis() + 11);
         while let Some(t) = self.session.poll_transmit() {
-            if self.connected {
+            if self.connected && !self.drop_commands {
                 self.device.handle_input(&t, &mut self.noise);
             }
         }

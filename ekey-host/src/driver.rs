@@ -1,0 +1,177 @@
+//! Drives one key: a [`Session`] over a [`Link`], verified blocks out
+//! through a bounded channel (backpressure: when nobody takes blocks, the
+//! key is not read), status kept for whoever asks.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ekey_proto::host::{Config, Counters, DeviceInfo, Event, KeyLookup, Reason, Session, State};
+use ekey_proto::keys::Serial;
+use ekey_proto::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::transport::Link;
+
+/// One verified 32-byte block and the key it came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Block {
+    /// The key's serial.
+    pub serial: Serial,
+    /// The plaintext.
+    pub data: [u8; 32],
+}
+
+/// What a status page shows about a key.
+#[derive(Clone, Debug)]
+pub struct KeyStatus {
+    /// How the key is attached (path, or "built-in software key").
+    pub transport: String,
+    /// The serial, once known.
+    pub serial: Option<Serial>,
+    /// The session's state.
+    pub state: State,
+    /// Why it is in that state.
+    pub reason: Reason,
+    /// Counters.
+    pub counters: Counters,
+    /// Latest info items.
+    pub info: DeviceInfo,
+    /// Whether the link is up.
+    pub connected: bool,
+    /// When the driver started.
+    pub since: std::time::Instant,
+}
+
+impl KeyStatus {
+    /// A fresh status for a key attached through `transport`.
+    pub fn new(transport: impl Into<String>) -> Self {
+        KeyStatus {
+            transport: transport.into(),
+            serial: None,
+            state: State::Resetting,
+            reason: Reason::Start,
+            counters: Counters::default(),
+            info: DeviceInfo::default(),
+            connected: true,
+            since: std::time::Instant::now(),
+        }
+    }
+}
+
+/// Shared, updated status of one key.
+pub type SharedStatus = Arc<Mutex<KeyStatus>>;
+
+/// How the drive loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The link closed (key unplugged, socket closed).
+    Closed,
+    /// Nobody takes blocks any more.
+    OutputClosed,
+}
+
+/// Reads and discards what the key had queued before we arrived: reads
+/// until the line has been quiet for `quiet` (at most `limit` in all).
+pub async fn drain(link: &mut Link, quiet: Duration, limit: Duration) -> io::Result<()> {
+    let end = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 512];
+    loop {
+        let wait = quiet.min(end.saturating_duration_since(tokio::time::Instant::now()));
+        if wait.is_zero() {
+            return Ok(());
+        }
+        match tokio::time::timeout(wait, link.read(&mut buf)).await {
+            Err(_) => return Ok(()),
+            Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// Runs a session on `link` until the link or the output closes.
+/// `on_event` sees every event (after the status is updated).
+pub async fn drive<K: KeyLookup + ?Sized>(
+    link: &mut Link,
+    config: Config,
+    keyring: &K,
+    blocks: &mpsc::Sender<Block>,
+    status: &SharedStatus,
+    on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
+) -> io::Result<Ended> {
+    let base = tokio::time::Instant::now();
+    let now = || Instant::from_millis(base.elapsed().as_millis() as u64);
+    let mut rng = getrandom::SysRng;
+    let mut session = Session::new(config, now());
+    let mut buf = vec![0u8; 4096];
+    loop {
+        while let Some(t) = session.poll_transmit() {
+            link.write_all(&t).await?;
+            link.flush().await?;
+        }
+        let deadline = session
+            .poll_timeout()
+            .map(|t| base + Duration::from_millis(t.millis()));
+        let n = tokio::select! {
+            r = link.read(&mut buf) => r?,
+            _ = sleep_until_opt(deadline) => {
+                session.handle_timeout(now());
+                if !deliver(&mut session, status, blocks, on_event).await {
+                    return Ok(Ended::OutputClosed);
+                }
+                continue;
+            }
+        };
+        if n == 0 {
+            return Ok(Ended::Closed);
+        }
+        let mut input = &buf[..n];
+        while !input.is_empty() {
+            let used = session.handle_input(now(), input, keyring, &mut rng);
+            input = &input[used..];
+            if !deliver(&mut session, status, blocks, on_event).await {
+                return Ok(Ended::OutputClosed);
+            }
+        }
+        session.handle_timeout(now());
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands the session's events out; false when the output is gone.
+async fn deliver(
+    session: &mut Session,
+    status: &SharedStatus,
+    blocks: &mpsc::Sender<Block>,
+    on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
+) -> bool {
+    while let Some(ev) = session.poll_event() {
+        let snapshot = {
+            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+            st.serial = session.serial();
+            st.state = session.state();
+            if let Event::StateChanged { reason, .. } = &ev {
+                st.reason = *reason;
+            }
+            st.counters = session.counters();
+            st.info = *session.info();
+            st.clone()
+        };
+        on_event(&snapshot, &ev);
+        if let Event::Entropy { data, .. } = ev {
+            let serial = session.serial().unwrap_or_default();
+            if blocks.send(Block { serial, data }).await.is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,28 @@
+//! Firmware-style harnesses for `ekey-proto`, built for a Cortex-M3 to see
+//! what the protocol costs in flash and RAM (see `measure.sh`).
+//!
+//! The driving loops live here, not in the binaries, so that the host-side
+//! tests (`cargo test --lib --target x86_64-unknown-linux-gnu`) run exactly
+//! the code the firmwares run:
+//!
+//! - [`session_app`]: a host [`Session`](ekey_proto::host::Session) replaying
+//!   a recorded key ([`transcript::KEY_TO_HOST`]); `session-fw`.
+//! - [`device_app`]: a software [`Device`](ekey_proto::device::Device) fed the
+//!   host's recorded commands ([`transcript::HOST_TO_KEY`]); `device-fw`.
+//!
+//! Nothing here is a real firmware: there is no USB, the clock is a counter,
+//! and the nonce generator is deliberately insecure ([`xorshift`]).
+
+#![no_std]
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "device")]
+pub mod device_app;
+pub mod fixture;
+pub mod session_app;
+pub mod sink;
+pub mod transcript;
+pub mod xorshift;
+
+#[cfg(test)]
+mod tests;
