@@ -3,6 +3,7 @@
 //! Work in progress: today it has the built-in software key
 //! ([`soft::SoftKey`]) that `ekey-host run --emulate` runs on.
 
+pub mod cli;
 pub mod driver;
 pub mod keyring;
 pub mod soft;

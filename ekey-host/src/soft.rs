@@ -16,10 +16,27 @@ pub fn demo_long_term_key() -> LongTermKey {
     LongTermKey::from_bytes([0x5e; 32])
 }
 
+/// Faults a software key injects now and then, for tests of the host
+/// (`ekey-host emulate --fault-…`). Zero means never.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultPlan {
+    /// Corrupt the MAC of every Nth frame (entropy frames only, so that a
+    /// lost `K!` does not make a whole session unreadable).
+    pub corrupt_every: u64,
+    /// Send garbage before every Nth frame.
+    pub garbage_every: u64,
+    /// Send every Nth entropy frame twice.
+    pub replay_every: u64,
+    /// Enter this failure mode (its character, e.g. `3`) at once.
+    pub failure_mode: Option<u8>,
+}
+
 /// A software key in this process.
 pub struct SoftKey {
     device: Device,
     noise: rand_core::UnwrapErr<getrandom::SysRng>,
+    plan: FaultPlan,
+    frames: u64,
 }
 
 impl SoftKey {
@@ -33,6 +50,17 @@ impl SoftKey {
         SoftKey {
             device: Device::new(config),
             noise: rand_core::UnwrapErr(getrandom::SysRng),
+            plan: FaultPlan::default(),
+            frames: 0,
+        }
+    }
+
+    /// Sets the faults to inject.
+    pub fn set_faults(&mut self, plan: FaultPlan) {
+        self.plan = plan;
+        if let Some(c) = plan.failure_mode {
+            self.device.faults_mut().failure_mode =
+                Some(ekey_proto::wire::info::FailureMode::from_char(c));
         }
     }
 
@@ -43,6 +71,21 @@ impl SoftKey {
 
     /// One frame slot's output, if the key has something to say.
     pub fn poll(&mut self) -> Option<Output> {
+        self.frames += 1;
+        let n = self.frames;
+        let every = |k: u64| k != 0 && n.is_multiple_of(k);
+        let f = self.device.faults_mut();
+        if every(self.plan.corrupt_every) {
+            // At most one pending: an unkeyed key must not save corruptions
+            // up for its first entropy frames.
+            f.corrupt_entropy_macs = 1;
+        }
+        if every(self.plan.garbage_every) {
+            f.garbage = 1 + (n % 90) as usize;
+        }
+        if every(self.plan.replay_every) {
+            f.replay_next = true;
+        }
         self.device.poll(&mut self.noise)
     }
 
@@ -59,7 +102,8 @@ pub fn slot_for_rate(rate: u32) -> std::time::Duration {
 }
 
 /// Serves `key` on `link` until the link closes: commands in, one frame per
-/// `slot` out. Every plaintext block sent is appended to `record`, in order.
+/// `slot` out. Every plaintext block sent with an intact MAC is appended to
+/// `record`, in order (once, even when the frame is replayed).
 pub async fn serve<L>(
     link: &mut L,
     key: &mut SoftKey,
@@ -70,7 +114,11 @@ where
     L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tick = tokio::time::interval(slot);
+    // Timers have millisecond resolution: faster keys send a few frames
+    // per tick.
+    let per_tick = (std::time::Duration::from_millis(1).as_nanos() / slot.as_nanos().max(1)).max(1);
+    let per_tick = u32::try_from(per_tick).unwrap_or(u32::MAX);
+    let mut tick = tokio::time::interval(slot * per_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = [0u8; 512];
     loop {
@@ -82,16 +130,18 @@ where
                 }
                 key.write(&buf[..n]);
             }
-            _ = tick.tick() => {
+            _ = tick.tick() => for _ in 0..per_tick {
                 if let Some(o) = key.poll() {
-                    if let (Some(sent), Some(rec)) = (o.entropy, record.as_deref_mut()) {
+                    if let (Some(sent), Some(rec)) = (o.entropy, record.as_deref_mut())
+                        && sent.authentic
+                    {
                         rec.write_all(&sent.data)?;
                         rec.flush()?;
                     }
                     link.write_all(&o.bytes).await?;
                     link.flush().await?;
                 }
-            }
+            },
         }
     }
 }

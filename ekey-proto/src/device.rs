@@ -83,6 +83,8 @@ impl DeviceConfig {
 pub struct Faults {
     /// Corrupt the MAC of this many coming frames.
     pub corrupt_macs: u32,
+    /// Corrupt the MAC of this many coming `E!` frames (other frames pass).
+    pub corrupt_entropy_macs: u32,
     /// Send this many bytes of garbage (from the noise source) before the
     /// next frame.
     pub garbage: usize,
@@ -548,10 +550,13 @@ impl Device {
 
     fn finish_frame(&mut self, packet: &Packet) -> ([u8; FRAME_LEN], bool) {
         let mut frame = packet.emit(&self.keys);
-        if self.faults.corrupt_macs == 0 {
+        if self.faults.corrupt_entropy_macs > 0 && matches!(packet, Packet::Entropy { .. }) {
+            self.faults.corrupt_entropy_macs -= 1;
+        } else if self.faults.corrupt_macs > 0 {
+            self.faults.corrupt_macs -= 1;
+        } else {
             return (frame, false);
         }
-        self.faults.corrupt_macs = self.faults.corrupt_macs.saturating_sub(1);
         if let Some(c) = frame.get_mut(54) {
             *c = if *c == b'A' { b'B' } else { b'A' };
         }

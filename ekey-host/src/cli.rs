@@ -1,0 +1,545 @@
+//! The `ekey-host` command line: `run`, `read`, `emulate`.
+
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use crate::driver::{self, Block, Ended, KeyStatus, SharedStatus};
+use crate::keyring::{self, Keyring};
+use crate::soft::{self, DEMO_SERIAL, SoftKey, demo_long_term_key};
+use crate::transport::{self, Link};
+use clap::{Args, Parser, Subcommand};
+use ekey_proto::device::DeviceConfig;
+use ekey_proto::host::{Config, Event, State};
+use ekey_proto::keys::{LongTermKey, Serial};
+use ekey_proto::rekey::parse_master_key;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "ekey-host",
+    version,
+    about = "Driver and daemon for the Simtec Entropy Key (USB 20df:0001)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct KeySources {
+    /// A key on a tty (/dev/ttyACM0, /dev/entropykey/*) or a Unix socket
+    /// (ekey-ulusbd, `ekey-host emulate --unix`). Repeatable.
+    #[arg(long = "device", value_name = "PATH")]
+    devices: Vec<PathBuf>,
+    /// Use the built-in software key (demo keys; its bytes come from the
+    /// OS generator, not from hardware noise).
+    #[arg(long)]
+    emulate: bool,
+    /// The keyring of long-term keys, in ekeyd's format.
+    #[arg(long, value_name = "FILE", default_value = keyring::DEFAULT_PATH)]
+    keyring: PathBuf,
+    /// Entropy rate of the built-in software key, bytes per second.
+    #[arg(long, value_name = "BYTES/S", default_value_t = 4000)]
+    rate: u32,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: keep every key keyed and healthy and write verified
+    /// entropy to the outputs.
+    Run {
+        #[command(flatten)]
+        keys: KeySources,
+        /// Write verified entropy to this file, or `-` for stdout.
+        #[arg(long, short, value_name = "FILE|-")]
+        output: Option<PathBuf>,
+        /// Stop after this many bytes.
+        #[arg(long, value_name = "BYTES")]
+        limit: Option<u64>,
+    },
+    /// Read exactly N verified bytes from the first working key, like `dd`.
+    Read {
+        /// How many bytes.
+        #[arg(short = 'n', value_name = "BYTES")]
+        count: u64,
+        /// Where to (default: stdout).
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        keys: KeySources,
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Expose a software key to other programs, on a pty or a Unix socket.
+    Emulate {
+        /// Create a pseudo-terminal and print its path.
+        #[arg(long, conflicts_with = "unix")]
+        pty: bool,
+        /// Listen on this Unix socket (one client at a time).
+        #[arg(long, value_name = "PATH", required_unless_present = "pty")]
+        unix: Option<PathBuf>,
+        /// Serial number (16 PEM64 characters).
+        #[arg(long, value_name = "PEM16", default_value_t = DEMO_SERIAL.to_string())]
+        serial: String,
+        /// Long-term key (44 PEM64 characters); default: the demo key.
+        #[arg(long, value_name = "PEM44")]
+        long_term_key: Option<String>,
+        /// Master key as printed on a card; enables long-term re-keying.
+        #[arg(long, value_name = "PRINTED")]
+        master_key: Option<String>,
+        /// Entropy rate, bytes per second.
+        #[arg(long, value_name = "BYTES/S", default_value_t = 4000)]
+        rate: u32,
+        /// Append every plaintext block sent to this file, in order.
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+        /// Test faults: corrupt the MAC of every Nth frame.
+        #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+        fault_corrupt_every: u64,
+        /// Test faults: garbage before every Nth frame.
+        #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+        fault_garbage_every: u64,
+        /// Test faults: send every Nth entropy frame twice.
+        #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+        fault_replay_every: u64,
+        /// Test faults: report this failure mode (e.g. 3) from the start.
+        #[arg(long, value_name = "CHAR", hide = true)]
+        fault_failure_mode: Option<char>,
+    },
+}
+
+/// Runs the command line in `std::env::args()`; the binary's `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EKEY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ekey-host: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Run {
+                keys,
+                output,
+                limit,
+            } => run(keys, output, limit, None).await,
+            Command::Read {
+                count,
+                output,
+                keys,
+                timeout,
+            } => {
+                let out = output.or_else(|| Some(PathBuf::from("-")));
+                run(keys, out, Some(count), Some(Duration::from_secs(timeout))).await
+            }
+            Command::Emulate {
+                pty,
+                unix,
+                serial,
+                long_term_key,
+                master_key,
+                rate,
+                record,
+                fault_corrupt_every,
+                fault_garbage_every,
+                fault_replay_every,
+                fault_failure_mode,
+            } => {
+                let plan = soft::FaultPlan {
+                    corrupt_every: fault_corrupt_every,
+                    garbage_every: fault_garbage_every,
+                    replay_every: fault_replay_every,
+                    failure_mode: fault_failure_mode.map(|c| c as u8),
+                };
+                let opts = EmulateOptions {
+                    pty,
+                    unix,
+                    serial,
+                    long_term_key,
+                    master_key,
+                    rate,
+                    record,
+                    plan,
+                };
+                emulate(opts).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("ekey-host: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The keyring lookups the sessions use; reloadable.
+type SharedKeyring = Arc<RwLock<Keyring>>;
+
+fn load_keyring(keys: &KeySources) -> Result<Keyring, String> {
+    let explicit = keys.keyring.as_path() != Path::new(keyring::DEFAULT_PATH);
+    let mut ring = match Keyring::load(&keys.keyring) {
+        Ok(r) => r,
+        Err(e) if keys.emulate && !explicit => {
+            tracing::debug!("no keyring: {e}");
+            Keyring::new()
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if keys.emulate && !ring.contains(&DEMO_SERIAL) {
+        ring.set(DEMO_SERIAL, demo_long_term_key());
+    }
+    Ok(ring)
+}
+
+/// Why a key can give no entropy, if its state says so.
+fn terminal_reason(state: State) -> Option<String> {
+    match state {
+        State::NoLongTermKey => Some("the key's serial has no long-term key in the keyring".into()),
+        State::LongTermKeyRejected => Some(
+            "the key rejected the long-term key in the keyring (wrong key for this serial)".into(),
+        ),
+        State::WrongSerial => Some("unexpected serial number".into()),
+        State::Failed(mode) => Some(format!("the key is in a failure mode: {mode}")),
+        _ => None,
+    }
+}
+
+async fn open_output(output: Option<&Path>) -> Result<Option<Box<dyn Write + Send>>, String> {
+    Ok(match output {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(io::stdout())),
+        Some(p) => {
+            Some(Box::new(std::fs::File::create(p).map_err(|e| {
+                format!("cannot create {}: {e}", p.display())
+            })?))
+        }
+    })
+}
+
+/// `run` and `read`: drive every key, write blocks to the output until the
+/// limit (if any) or a signal.
+async fn run(
+    keys: KeySources,
+    output: Option<PathBuf>,
+    limit: Option<u64>,
+    read_timeout: Option<Duration>,
+) -> Result<(), String> {
+    let is_read = read_timeout.is_some();
+    if keys.devices.is_empty() && !keys.emulate {
+        return Err("no key to use: give --device PATH or --emulate \
+                    (driving keys over USB is not built yet)"
+            .into());
+    }
+    let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(&keys)?));
+    let mut out = open_output(output.as_deref()).await?;
+    let (tx, mut rx) = mpsc::channel::<Block>(64);
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<String>();
+    let mut statuses: Vec<SharedStatus> = Vec::new();
+    let mut sources = 0usize;
+
+    for path in &keys.devices {
+        let status = Arc::new(Mutex::new(KeyStatus::new(path.display().to_string())));
+        statuses.push(status.clone());
+        sources += 1;
+        let path = path.clone();
+        let (tx, ring, fail_tx) = (tx.clone(), ring.clone(), fail_tx.clone());
+        tokio::spawn(async move {
+            loop {
+                match transport::open_path(&path).await {
+                    Ok(mut link) => {
+                        let r = drive_one(&mut link, &ring, &tx, &status, &fail_tx, is_read).await;
+                        match r {
+                            Ok(Ended::OutputClosed) => return,
+                            Ok(Ended::Closed) => warn!("{}: key went away", path.display()),
+                            Err(e) => warn!("{}: {e}", path.display()),
+                        }
+                    }
+                    Err(e) => {
+                        if is_read {
+                            let _ = fail_tx.send(format!("no key found: {e}"));
+                            return;
+                        }
+                        warn!("{e}");
+                    }
+                }
+                set_connected(&status, false);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    if keys.emulate {
+        let status = Arc::new(Mutex::new(KeyStatus::new("built-in software key")));
+        statuses.push(status.clone());
+        sources += 1;
+        let (host_end, mut key_end) = tokio::io::duplex(4096);
+        let slot = soft::slot_for_rate(keys.rate);
+        info!(
+            "software key {} (demo keys; bytes come from the OS generator, not from noise)",
+            DEMO_SERIAL
+        );
+        tokio::spawn(async move {
+            let mut key = SoftKey::demo();
+            let _ = soft::serve(&mut key_end, &mut key, slot, None).await;
+        });
+        let (tx, ring, fail_tx) = (tx.clone(), ring.clone(), fail_tx.clone());
+        tokio::spawn(async move {
+            let mut link: Link = Box::new(host_end);
+            let _ = drive_one(&mut link, &ring, &tx, &status, &fail_tx, is_read).await;
+        });
+    }
+    drop(tx);
+    drop(fail_tx);
+
+    let live = io::stderr().is_terminal() && !is_read;
+    let mut status_tick = tokio::time::interval(Duration::from_millis(500));
+    let started = tokio::time::Instant::now();
+    let deadline = read_timeout.map(|d| started + d);
+    let mut written: u64 = 0;
+    let mut failures: Vec<String> = Vec::new();
+    let mut fail_open = true;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    loop {
+        if limit.is_some_and(|l| written >= l) {
+            break;
+        }
+        tokio::select! {
+            b = rx.recv() => {
+                let Some(block) = b else { break };
+                let take = limit.map_or(32, |l| (l - written).min(32)) as usize;
+                if let Some(w) = out.as_mut() {
+                    w.write_all(&block.data[..take]).map_err(|e| format!("cannot write output: {e}"))?;
+                }
+                written += take as u64;
+            }
+            f = fail_rx.recv(), if is_read && fail_open => {
+                let Some(reason) = f else {
+                    fail_open = false;
+                    continue;
+                };
+                failures.push(reason);
+                if failures.len() >= sources {
+                    break;
+                }
+            }
+            _ = sleep_until_opt(deadline) => {
+                failures.push(format!("timed out after {} s waiting for entropy", read_timeout.unwrap_or_default().as_secs()));
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = status_tick.tick(), if live => {
+                print_status_line(&statuses, written, started.elapsed());
+            }
+        }
+    }
+    if let Some(w) = out.as_mut() {
+        w.flush().map_err(|e| format!("cannot write output: {e}"))?;
+    }
+    if live {
+        eprintln!();
+    }
+    if is_read && limit.is_some_and(|l| written < l) {
+        while let Ok(f) = fail_rx.try_recv() {
+            failures.push(f);
+        }
+        failures.dedup();
+        // Nothing verified arrived: leave no empty file behind.
+        if written == 0 {
+            drop(out.take());
+            if let Some(p) = output.as_deref().filter(|p| p.as_os_str() != "-") {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        return Err(if failures.is_empty() {
+            "the keys stopped before delivering enough entropy".into()
+        } else {
+            failures.join("; ")
+        });
+    }
+    Ok(())
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn set_connected(status: &SharedStatus, up: bool) {
+    status.lock().unwrap_or_else(|p| p.into_inner()).connected = up;
+}
+
+async fn drive_one(
+    link: &mut Link,
+    ring: &SharedKeyring,
+    tx: &mpsc::Sender<Block>,
+    status: &SharedStatus,
+    fail_tx: &mpsc::UnboundedSender<String>,
+    is_read: bool,
+) -> io::Result<Ended> {
+    set_connected(status, true);
+    driver::drain(link, Duration::from_millis(50), Duration::from_millis(500)).await?;
+    let lookup = {
+        let ring = ring.clone();
+        move |s: &Serial| -> Option<LongTermKey> {
+            ring.read().unwrap_or_else(|p| p.into_inner()).get(s)
+        }
+    };
+    let transport = status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .transport
+        .clone();
+    let mut on_event = |st: &KeyStatus, ev: &Event| match ev {
+        Event::StateChanged { state, reason } => {
+            let serial = st.serial.map_or_else(|| "?".to_string(), |s| s.to_string());
+            info!("key {serial} ({transport}): {state} ({reason})");
+            if let Some(why) = terminal_reason(*state)
+                && is_read
+            {
+                let _ = fail_tx.send(format!("key {serial}: {why}"));
+            }
+        }
+        Event::Fault(f) => tracing::debug!("key ({transport}): {f:?}"),
+        Event::Unresponsive { attempts } => {
+            warn!("key ({transport}) does not answer after {attempts} resets")
+        }
+        _ => {}
+    };
+    let r = driver::drive(link, Config::default(), &lookup, tx, status, &mut on_event).await;
+    set_connected(status, false);
+    r
+}
+
+fn print_status_line(statuses: &[SharedStatus], bytes: u64, elapsed: Duration) {
+    let mut line = String::new();
+    for st in statuses {
+        let st = st.lock().unwrap_or_else(|p| p.into_inner());
+        let serial = st.serial.map_or_else(|| "?".to_string(), |s| s.to_string());
+        let temp = st
+            .info
+            .temperature
+            .map_or_else(|| "-".to_string(), |t| format!("{:.1} °C", t.celsius()));
+        line.push_str(&format!("key {serial}: {} · {temp} · ", st.state));
+    }
+    let rate = bytes as f64 / elapsed.as_secs_f64().max(0.001);
+    eprint!("\r\x1b[K{line}{bytes} bytes · {rate:.0} B/s");
+}
+
+struct EmulateOptions {
+    pty: bool,
+    unix: Option<PathBuf>,
+    serial: String,
+    long_term_key: Option<String>,
+    master_key: Option<String>,
+    rate: u32,
+    record: Option<PathBuf>,
+    plan: soft::FaultPlan,
+}
+
+async fn emulate(o: EmulateOptions) -> Result<(), String> {
+    let EmulateOptions {
+        pty,
+        unix,
+        serial,
+        long_term_key,
+        master_key,
+        rate,
+        record,
+        plan,
+    } = o;
+    let serial: Serial = serial
+        .parse()
+        .map_err(|e| format!("--serial: {e} (16 PEM64 characters)"))?;
+    let ltk = match long_term_key {
+        Some(k) => LongTermKey::from_pem(k.trim().as_bytes())
+            .map_err(|e| format!("--long-term-key: {e} (44 PEM64 characters)"))?,
+        None => demo_long_term_key(),
+    };
+    let mut config = DeviceConfig::new(serial, ltk);
+    if let Some(m) = master_key {
+        config.master_key = Some(parse_master_key(&m).map_err(|e| format!("--master-key: {e}"))?);
+    }
+    let mut key = SoftKey::new(config);
+    key.set_faults(plan);
+    let mut rec: Option<Box<dyn Write + Send>> = match &record {
+        Some(p) => {
+            Some(Box::new(std::fs::File::create(p).map_err(|e| {
+                format!("cannot create {}: {e}", p.display())
+            })?))
+        }
+        None => None,
+    };
+    let slot = soft::slot_for_rate(rate);
+    if pty {
+        let (mut master, path) =
+            transport::open_pty().map_err(|e| format!("cannot create a pty: {e}"))?;
+        println!("{}", path.display());
+        let _ = io::stdout().flush();
+        info!("software key {serial} on {}", path.display());
+        tokio::select! {
+            r = soft::serve(&mut master, &mut key, slot, rec.as_deref_mut().map(|w| w as _)) => {
+                r.map_err(|e| format!("pty: {e}"))
+            }
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    } else {
+        let path = unix.ok_or("give --pty or --unix PATH")?;
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        println!("{}", path.display());
+        let _ = io::stdout().flush();
+        info!("software key {serial} on {}", path.display());
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        loop {
+            tokio::select! {
+                a = listener.accept() => {
+                    let (mut stream, _) = a.map_err(|e| format!("accept: {e}"))?;
+                    info!("client connected");
+                    tokio::select! {
+                        r = soft::serve(&mut stream, &mut key, slot, rec.as_deref_mut().map(|w| w as _)) => {
+                            if let Err(e) = r { warn!("client: {e}"); }
+                            info!("client disconnected");
+                        }
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = sigterm.recv() => break,
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+}
