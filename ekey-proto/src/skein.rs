@@ -410,6 +410,7 @@ fn ubi(chain: &[u64; 4], t0: u64, t1: u64, block: &[u8; BLOCK]) -> [u64; 4] {
 /// Two independent UBI blocks computed together (see [`threefish256_x2`]).
 #[cfg_attr(target_pointer_width = "64", inline(always))]
 #[cfg_attr(not(target_pointer_width = "64"), inline(never))]
+#[cfg(target_pointer_width = "64")]
 fn ubi_x2(
     a: (&[u64; 4], u64, u64, &[u8; BLOCK]),
     b: (&[u64; 4], u64, u64, &[u8; BLOCK]),
@@ -714,6 +715,30 @@ impl Skein256 {
     /// ```
     #[must_use]
     pub fn finalize_two(
+        &self,
+        msg: &[u8],
+        finish: Finish,
+        other: &Skein256,
+        other_msg: &[u8],
+        other_finish: Finish,
+    ) -> ([u8; 32], [u8; 32]) {
+        // On 32-bit cores the interleaved lanes only cost code size (about
+        // 10 KB on thumbv7m) without finding registers to run in: one lane
+        // after the other there.
+        #[cfg(not(target_pointer_width = "64"))]
+        {
+            let one = |st: &Skein256, m: &[u8], f: Finish| match f {
+                Finish::Final => st.finalize_with(m),
+                Finish::Pad => st.finalize_pad_with(m),
+            };
+            (one(self, msg, finish), one(other, other_msg, other_finish))
+        }
+        #[cfg(target_pointer_width = "64")]
+        self.finalize_two_interleaved(msg, finish, other, other_msg, other_finish)
+    }
+
+    #[cfg(target_pointer_width = "64")]
+    fn finalize_two_interleaved(
         &self,
         msg: &[u8],
         finish: Finish,
