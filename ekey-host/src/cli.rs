@@ -6,15 +6,19 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::control;
 use crate::driver::{self, Block, Ended, KeyStatus, SharedStatus};
 use crate::keyring::{self, Keyring};
 use crate::soft::{self, DEMO_SERIAL, SoftKey, demo_long_term_key};
+use crate::status;
 use crate::transport::{self, Link};
 use clap::{Args, Parser, Subcommand};
 use ekey_proto::device::DeviceConfig;
 use ekey_proto::host::{Config, Event, State};
 use ekey_proto::keys::{LongTermKey, Serial};
 use ekey_proto::rekey::parse_master_key;
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -60,6 +64,18 @@ enum Command {
         /// Stop after this many bytes.
         #[arg(long, value_name = "BYTES")]
         limit: Option<u64>,
+        /// The control socket `ekey-host status` asks (mode 0600).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Ask the running daemon how its keys are doing.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_PATH)]
+        control: PathBuf,
     },
     /// Read exactly N verified bytes from the first working key, like `dd`.
     Read {
@@ -141,7 +157,9 @@ pub fn main() -> ExitCode {
                 keys,
                 output,
                 limit,
-            } => run(keys, output, limit, None).await,
+                control,
+            } => run(keys, output, limit, None, control).await,
+            Command::Status { json, control } => status_command(json, &control).await,
             Command::Read {
                 count,
                 output,
@@ -149,7 +167,14 @@ pub fn main() -> ExitCode {
                 timeout,
             } => {
                 let out = output.or_else(|| Some(PathBuf::from("-")));
-                run(keys, out, Some(count), Some(Duration::from_secs(timeout))).await
+                run(
+                    keys,
+                    out,
+                    Some(count),
+                    Some(Duration::from_secs(timeout)),
+                    None,
+                )
+                .await
             }
             Command::Emulate {
                 pty,
@@ -237,6 +262,16 @@ async fn open_output(output: Option<&Path>) -> Result<Option<Box<dyn Write + Sen
     })
 }
 
+/// What every key task shares.
+#[derive(Clone)]
+struct Ctx {
+    ring: SharedKeyring,
+    tx: mpsc::Sender<Block>,
+    fail_tx: mpsc::UnboundedSender<String>,
+    reload: tokio::sync::watch::Receiver<u64>,
+    is_read: bool,
+}
+
 /// `run` and `read`: drive every key, write blocks to the output until the
 /// limit (if any) or a signal.
 async fn run(
@@ -244,6 +279,7 @@ async fn run(
     output: Option<PathBuf>,
     limit: Option<u64>,
     read_timeout: Option<Duration>,
+    control: Option<PathBuf>,
 ) -> Result<(), String> {
     let is_read = read_timeout.is_some();
     if keys.devices.is_empty() && !keys.emulate {
@@ -255,43 +291,24 @@ async fn run(
     let mut out = open_output(output.as_deref()).await?;
     let (tx, mut rx) = mpsc::channel::<Block>(64);
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<String>();
+    let (reload_tx, reload_rx) = tokio::sync::watch::channel(0u64);
+    let ctx = Ctx {
+        ring: ring.clone(),
+        tx,
+        fail_tx,
+        reload: reload_rx,
+        is_read,
+    };
     let mut statuses: Vec<SharedStatus> = Vec::new();
-    let mut sources = 0usize;
 
     for path in &keys.devices {
         let status = Arc::new(Mutex::new(KeyStatus::new(path.display().to_string())));
         statuses.push(status.clone());
-        sources += 1;
-        let path = path.clone();
-        let (tx, ring, fail_tx) = (tx.clone(), ring.clone(), fail_tx.clone());
-        tokio::spawn(async move {
-            loop {
-                match transport::open_path(&path).await {
-                    Ok(mut link) => {
-                        let r = drive_one(&mut link, &ring, &tx, &status, &fail_tx, is_read).await;
-                        match r {
-                            Ok(Ended::OutputClosed) => return,
-                            Ok(Ended::Closed) => warn!("{}: key went away", path.display()),
-                            Err(e) => warn!("{}: {e}", path.display()),
-                        }
-                    }
-                    Err(e) => {
-                        if is_read {
-                            let _ = fail_tx.send(format!("no key found: {e}"));
-                            return;
-                        }
-                        warn!("{e}");
-                    }
-                }
-                set_connected(&status, false);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
+        tokio::spawn(keep_device(path.clone(), ctx.clone(), status));
     }
     if keys.emulate {
         let status = Arc::new(Mutex::new(KeyStatus::new("built-in software key")));
         statuses.push(status.clone());
-        sources += 1;
         let (host_end, mut key_end) = tokio::io::duplex(4096);
         let slot = soft::slot_for_rate(keys.rate);
         info!(
@@ -302,24 +319,64 @@ async fn run(
             let mut key = SoftKey::demo();
             let _ = soft::serve(&mut key_end, &mut key, slot, None).await;
         });
-        let (tx, ring, fail_tx) = (tx.clone(), ring.clone(), fail_tx.clone());
+        let mut ctx = ctx.clone();
         tokio::spawn(async move {
             let mut link: Link = Box::new(host_end);
-            let _ = drive_one(&mut link, &ring, &tx, &status, &fail_tx, is_read).await;
+            let _ = drive_one(&mut link, &mut ctx, &status).await;
         });
     }
-    drop(tx);
-    drop(fail_tx);
+    let sources = statuses.len();
+    drop(ctx);
+
+    let started = std::time::Instant::now();
+    let mut bound_control: Option<PathBuf> = None;
+    if !is_read {
+        let path = control::path_or_default(control.clone());
+        let listener = match control::bind(&path) {
+            Ok(l) => Some(l),
+            Err(e) if control.is_some() => {
+                return Err(format!("control socket {}: {e}", path.display()));
+            }
+            Err(e) => {
+                warn!(
+                    "no control socket ({}: {e}); `ekey-host status` will not work",
+                    path.display()
+                );
+                None
+            }
+        };
+        if let Some(listener) = listener {
+            bound_control = Some(path);
+            let statuses = statuses.clone();
+            let keyring_path = keys.keyring.clone();
+            let (ring, reload_tx) = (ring.clone(), reload_tx.clone());
+            let emulate = keys.emulate;
+            tokio::spawn(async move {
+                serve_control(
+                    listener,
+                    statuses,
+                    started,
+                    ring,
+                    keyring_path,
+                    emulate,
+                    reload_tx,
+                )
+                .await
+            });
+        }
+    }
 
     let live = io::stderr().is_terminal() && !is_read;
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
-    let started = tokio::time::Instant::now();
-    let deadline = read_timeout.map(|d| started + d);
+    let t0 = tokio::time::Instant::now();
+    let deadline = read_timeout.map(|d| t0 + d);
     let mut written: u64 = 0;
     let mut failures: Vec<String> = Vec::new();
     let mut fail_open = true;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut sighup =
+        signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     loop {
         if limit.is_some_and(|l| written >= l) {
             break;
@@ -349,8 +406,14 @@ async fn run(
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                match reload_keyring(&ring, &keys.keyring, keys.emulate, &reload_tx) {
+                    Ok(n) => info!("keyring {} reloaded: {n} keys", keys.keyring.display()),
+                    Err(e) => warn!("keyring not reloaded, keeping the old one: {e}"),
+                }
+            }
             _ = status_tick.tick(), if live => {
-                print_status_line(&statuses, written, started.elapsed());
+                print_status_line(&statuses, written, t0.elapsed());
             }
         }
     }
@@ -359,6 +422,9 @@ async fn run(
     }
     if live {
         eprintln!();
+    }
+    if let Some(p) = bound_control {
+        let _ = std::fs::remove_file(p);
     }
     if is_read && limit.is_some_and(|l| written < l) {
         while let Ok(f) = fail_rx.try_recv() {
@@ -381,6 +447,89 @@ async fn run(
     Ok(())
 }
 
+/// Re-reads the keyring; on success swaps it in and tells the keys.
+fn reload_keyring(
+    ring: &SharedKeyring,
+    path: &Path,
+    emulate: bool,
+    reload_tx: &tokio::sync::watch::Sender<u64>,
+) -> Result<usize, String> {
+    let mut fresh = Keyring::load(path).map_err(|e| e.to_string())?;
+    if emulate && !fresh.contains(&DEMO_SERIAL) {
+        fresh.set(DEMO_SERIAL, demo_long_term_key());
+    }
+    let n = fresh.serials().len();
+    *ring.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+    reload_tx.send_modify(|g| *g += 1);
+    Ok(n)
+}
+
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    statuses: Vec<SharedStatus>,
+    started: std::time::Instant,
+    ring: SharedKeyring,
+    keyring_path: PathBuf,
+    emulate: bool,
+    reload_tx: tokio::sync::watch::Sender<u64>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let command =
+            match tokio::time::timeout(Duration::from_secs(2), control::read_command(&mut stream))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                _ => continue,
+            };
+        let answer = match command.as_str() {
+            "status" => {
+                let snapshot: Vec<KeyStatus> = statuses
+                    .iter()
+                    .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                    .collect();
+                let doc = status::status_json(&snapshot, std::time::Instant::now(), started);
+                format!("{doc}\n")
+            }
+            "reload" => match reload_keyring(&ring, &keyring_path, emulate, &reload_tx) {
+                Ok(n) => format!("ok: keyring reloaded, {n} keys\n"),
+                Err(e) => format!("error: {e}\n"),
+            },
+            other => format!("error: unknown command {other:?}\n"),
+        };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), stream.write_all(answer.as_bytes())).await;
+    }
+}
+
+/// Keeps a key on a tty or socket attached: re-opens it after it goes away
+/// (unplugged, socket closed), once a second.
+async fn keep_device(path: PathBuf, mut ctx: Ctx, status: SharedStatus) {
+    loop {
+        match transport::open_path(&path).await {
+            Ok(mut link) => match drive_one(&mut link, &mut ctx, &status).await {
+                Ok(Ended::OutputClosed) => return,
+                Ok(Ended::Closed) => warn!("{}: key went away", path.display()),
+                Err(e) => warn!("{}: {e}", path.display()),
+            },
+            Err(e) => {
+                if ctx.is_read {
+                    let _ = ctx.fail_tx.send(format!("no key found: {e}"));
+                    return;
+                }
+                tracing::debug!("{e}");
+            }
+        }
+        set_connected(&status, false);
+        if ctx.tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -389,21 +538,27 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 }
 
 fn set_connected(status: &SharedStatus, up: bool) {
-    status.lock().unwrap_or_else(|p| p.into_inner()).connected = up;
+    status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_connected(up);
 }
 
-async fn drive_one(
-    link: &mut Link,
-    ring: &SharedKeyring,
-    tx: &mpsc::Sender<Block>,
-    status: &SharedStatus,
-    fail_tx: &mpsc::UnboundedSender<String>,
-    is_read: bool,
-) -> io::Result<Ended> {
+async fn drive_one(link: &mut Link, ctx: &mut Ctx, status: &SharedStatus) -> io::Result<Ended> {
     set_connected(status, true);
+    let r = drive_connected(link, ctx, status).await;
+    set_connected(status, false);
+    r
+}
+
+async fn drive_connected(
+    link: &mut Link,
+    ctx: &mut Ctx,
+    status: &SharedStatus,
+) -> io::Result<Ended> {
     driver::drain(link, Duration::from_millis(50), Duration::from_millis(500)).await?;
     let lookup = {
-        let ring = ring.clone();
+        let ring = ctx.ring.clone();
         move |s: &Serial| -> Option<LongTermKey> {
             ring.read().unwrap_or_else(|p| p.into_inner()).get(s)
         }
@@ -413,6 +568,7 @@ async fn drive_one(
         .unwrap_or_else(|p| p.into_inner())
         .transport
         .clone();
+    let (is_read, fail_tx) = (ctx.is_read, ctx.fail_tx.clone());
     let mut on_event = |st: &KeyStatus, ev: &Event| match ev {
         Event::StateChanged { state, reason } => {
             let serial = st.serial.map_or_else(|| "?".to_string(), |s| s.to_string());
@@ -429,9 +585,16 @@ async fn drive_one(
         }
         _ => {}
     };
-    let r = driver::drive(link, Config::default(), &lookup, tx, status, &mut on_event).await;
-    set_connected(status, false);
-    r
+    driver::drive(
+        link,
+        Config::default(),
+        &lookup,
+        &ctx.tx,
+        status,
+        &mut ctx.reload,
+        &mut on_event,
+    )
+    .await
 }
 
 fn print_status_line(statuses: &[SharedStatus], bytes: u64, elapsed: Duration) {
@@ -542,4 +705,16 @@ async fn emulate(o: EmulateOptions) -> Result<(), String> {
         let _ = std::fs::remove_file(&path);
         Ok(())
     }
+}
+
+async fn status_command(json: bool, path: &Path) -> Result<(), String> {
+    let answer = control::request(path, "status").await?;
+    let doc: serde_json::Value = serde_json::from_str(&answer)
+        .map_err(|e| format!("the daemon's answer is not a status document: {e}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or(answer));
+    } else {
+        print!("{}", status::render(&doc));
+    }
+    Ok(())
 }

@@ -34,14 +34,22 @@ pub struct KeyStatus {
     pub state: State,
     /// Why it is in that state.
     pub reason: Reason,
-    /// Counters.
+    /// Counters of the current session.
     pub counters: Counters,
+    /// Counters of the earlier sessions (before the key was re-plugged).
+    pub earlier: Counters,
     /// Latest info items.
     pub info: DeviceInfo,
     /// Whether the link is up.
     pub connected: bool,
+    /// How many times the link came up.
+    pub connects: u64,
+    /// Bytes handed to the outputs.
+    pub delivered: u64,
     /// When the driver started.
     pub since: std::time::Instant,
+    /// When the link last came up.
+    pub connected_since: Option<std::time::Instant>,
 }
 
 impl KeyStatus {
@@ -53,10 +61,30 @@ impl KeyStatus {
             state: State::Resetting,
             reason: Reason::Start,
             counters: Counters::default(),
+            earlier: Counters::default(),
             info: DeviceInfo::default(),
-            connected: true,
+            connected: false,
+            connects: 0,
+            delivered: 0,
             since: std::time::Instant::now(),
+            connected_since: None,
         }
+    }
+
+    /// Counters over every session of this key.
+    pub fn totals(&self) -> Counters {
+        self.earlier.merged(&self.counters)
+    }
+
+    /// Marks the link up (a new session starts) or down.
+    pub fn set_connected(&mut self, up: bool) {
+        if up && !self.connected {
+            self.connects += 1;
+            self.connected_since = Some(std::time::Instant::now());
+            self.earlier = self.totals();
+            self.counters = Counters::default();
+        }
+        self.connected = up;
     }
 }
 
@@ -92,15 +120,18 @@ pub async fn drain(link: &mut Link, quiet: Duration, limit: Duration) -> io::Res
 }
 
 /// Runs a session on `link` until the link or the output closes.
-/// `on_event` sees every event (after the status is updated).
+/// `on_event` sees every event (after the status is updated); a change on
+/// `reload` (the keyring was re-read) resets the key.
 pub async fn drive<K: KeyLookup + ?Sized>(
     link: &mut Link,
     config: Config,
     keyring: &K,
     blocks: &mpsc::Sender<Block>,
     status: &SharedStatus,
+    reload: &mut tokio::sync::watch::Receiver<u64>,
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
 ) -> io::Result<Ended> {
+    reload.mark_unchanged();
     let base = tokio::time::Instant::now();
     let now = || Instant::from_millis(base.elapsed().as_millis() as u64);
     let mut rng = getrandom::SysRng;
@@ -116,6 +147,16 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             .map(|t| base + Duration::from_millis(t.millis()));
         let n = tokio::select! {
             r = link.read(&mut buf) => r?,
+            changed = reload.changed() => {
+                if changed.is_ok() {
+                    // The keyring changed: start over so it is used.
+                    session.reset(now());
+                } else {
+                    // Nobody will ask for reloads any more.
+                    std::future::pending::<()>().await;
+                }
+                continue;
+            }
             _ = sleep_until_opt(deadline) => {
                 session.handle_timeout(now());
                 if !deliver(&mut session, status, blocks, on_event).await {
@@ -171,6 +212,8 @@ async fn deliver(
             if blocks.send(Block { serial, data }).await.is_err() {
                 return false;
             }
+            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+            st.delivered += data.len() as u64;
         }
     }
     true

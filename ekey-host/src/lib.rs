@@ -4,7 +4,9 @@
 //! ([`soft::SoftKey`]) that `ekey-host run --emulate` runs on.
 
 pub mod cli;
+pub mod control;
 pub mod driver;
 pub mod keyring;
 pub mod soft;
+pub mod status;
 pub mod transport;

@@ -409,6 +409,37 @@ pub struct Counters {
     pub events_dropped: u64,
 }
 
+impl Counters {
+    /// Field-by-field sum, e.g. of a key's earlier sessions and its current
+    /// one.
+    pub fn merged(&self, other: &Counters) -> Counters {
+        let a = self;
+        let b = other;
+        Counters {
+            bytes_in: a.bytes_in.saturating_add(b.bytes_in),
+            frames: a.frames.saturating_add(b.frames),
+            framing_errors: a.framing_errors.saturating_add(b.framing_errors),
+            garbage_bytes: a.garbage_bytes.saturating_add(b.garbage_bytes),
+            bad_macs: a.bad_macs.saturating_add(b.bad_macs),
+            replays: a.replays.saturating_add(b.replays),
+            malformed: a.malformed.saturating_add(b.malformed),
+            unexpected: a.unexpected.saturating_add(b.unexpected),
+            stale: a.stale.saturating_add(b.stale),
+            blocks: a.blocks.saturating_add(b.blocks),
+            rekeys: a.rekeys.saturating_add(b.rekeys),
+            resets: a.resets.saturating_add(b.resets),
+            reset_timeouts: a.reset_timeouts.saturating_add(b.reset_timeouts),
+            rekey_timeouts: a.rekey_timeouts.saturating_add(b.rekey_timeouts),
+            long_term_key_rejections: a
+                .long_term_key_rejections
+                .saturating_add(b.long_term_key_rejections),
+            warnings: a.warnings.saturating_add(b.warnings),
+            info_frames: a.info_frames.saturating_add(b.info_frames),
+            events_dropped: a.events_dropped.saturating_add(b.events_dropped),
+        }
+    }
+}
+
 const EVENT_CAPACITY: usize = 8;
 /// Events one frame can produce at most; input is not taken unless this
 /// many slots are free.

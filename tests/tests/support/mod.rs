@@ -102,3 +102,88 @@ pub fn read(n: u64, device: &Path, keyring: &Path, out: &Path) -> std::process::
         .output()
         .expect("run ekey-host read")
 }
+
+/// A running `ekey-host run`, killed on drop.
+pub struct Daemon {
+    child: Child,
+    /// Its control socket.
+    pub control: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `ekey-host run ARGS… --control <dir>/control` and waits for
+    /// the control socket.
+    pub fn start(dir: &Scratch, args: &[&str]) -> Daemon {
+        let control = dir.path("control");
+        let child = Command::new(ekey_host())
+            .arg("run")
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path("daemon.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("start ekey-host run");
+        for _ in 0..200 {
+            if control.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        assert!(control.exists(), "no control socket");
+        Daemon { child, control }
+    }
+
+    /// `ekey-host status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(ekey_host())
+            .args(["status", "--json", "--control"])
+            .arg(&self.control)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// SIGTERM, then wait; returns whether it exited cleanly.
+    pub fn terminate(mut self) -> bool {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 50 ms for up to `secs` seconds.
+pub fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    f()
+}
+
+/// A file of 32-byte blocks.
+pub fn blocks(path: &Path) -> Vec<[u8; 32]> {
+    let data = std::fs::read(path).unwrap_or_default();
+    data.chunks_exact(32)
+        .map(|c| c.try_into().unwrap())
+        .collect()
+}

@@ -1,0 +1,174 @@
+//! What `ekey-host status` shows: every key's state, health and counters,
+//! as JSON and as a screenful of text.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::driver::KeyStatus;
+
+fn opt_f32(v: Option<f32>) -> Value {
+    v.map_or(Value::Null, |x| {
+        json!((f64::from(x) * 1000.0).round() / 1000.0)
+    })
+}
+
+/// One key as JSON.
+pub fn key_json(st: &KeyStatus, now: Instant) -> Value {
+    let c = st.totals();
+    let info = &st.info;
+    let uptime = st
+        .connected_since
+        .filter(|_| st.connected)
+        .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+    let since_start = now.duration_since(st.since).as_secs_f64().max(0.001);
+    json!({
+        "transport": st.transport,
+        "serial": st.serial.map(|s| s.to_string()),
+        "state": st.state.to_string(),
+        "reason": st.reason.to_string(),
+        "running": st.state.is_running() && st.connected,
+        "connected": st.connected,
+        "connects": st.connects,
+        "uptime_seconds": (uptime * 10.0).round() / 10.0,
+        "temperature_celsius": info.temperature.map(|t| (f64::from(t.celsius()) * 100.0).round() / 100.0),
+        "voltage_volts": info.voltage.map(|v| f64::from(v.volts())),
+        "fips": info.fips.map(|f| json!({
+            "blocks": f.blocks, "failures": f.failures,
+            "monobit": f.monobit, "poker": f.poker, "runs": f.runs,
+        })),
+        "shannons_per_byte": info.shannon.map(|s| json!({
+            "raw_left": opt_f32(s.left_per_byte()),
+            "raw_right": opt_f32(s.right_per_byte()),
+            "raw_xor": opt_f32(s.xor_per_byte()),
+            "debiased_left": opt_f32(s.debiased_left_per_byte()),
+            "debiased_right": opt_f32(s.debiased_right_per_byte()),
+            "failure_mode": s.failure.to_string(),
+        })),
+        "bytes_delivered": st.delivered,
+        "entropy_rate_bytes_per_second": (st.delivered as f64 / since_start).round() as u64,
+        "mac_failures": c.bad_macs,
+        "framing_errors": c.framing_errors,
+        "replays_dropped": c.replays,
+        "rekeys": c.rekeys,
+        "resets": c.resets,
+        "long_term_key_rejections": c.long_term_key_rejections,
+        "warnings": c.warnings,
+        "frames": c.frames,
+    })
+}
+
+/// The whole status document.
+pub fn status_json(keys: &[KeyStatus], now: Instant, started: Instant) -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": now.duration_since(started).as_secs(),
+        "keys": keys.iter().map(|k| key_json(k, now)).collect::<Vec<_>>(),
+    })
+}
+
+fn num(v: &Value, unit: &str, digits: usize) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.digits$}{unit}"),
+        None => "-".into(),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The status document as text for a person.
+pub fn render(doc: &Value) -> String {
+    let mut out = String::new();
+    let keys = doc["keys"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "ekey-host {}, up {}, {} key{}",
+        doc["version"].as_str().unwrap_or("?"),
+        duration(doc["uptime_seconds"].as_f64().unwrap_or(0.0)),
+        keys.len(),
+        if keys.len() == 1 { "" } else { "s" }
+    );
+    for k in &keys {
+        let serial = k["serial"].as_str().unwrap_or("(not identified yet)");
+        let _ = writeln!(
+            out,
+            "\nkey {serial}  via {}",
+            k["transport"].as_str().unwrap_or("?")
+        );
+        let state = if k["connected"].as_bool() == Some(true) {
+            format!(
+                "{} ({})",
+                k["state"].as_str().unwrap_or("?"),
+                k["reason"].as_str().unwrap_or("?")
+            )
+        } else {
+            "disconnected".into()
+        };
+        let _ = writeln!(out, "  state        {state}");
+        let _ = writeln!(
+            out,
+            "  health       {}, {}",
+            num(&k["temperature_celsius"], " °C", 1),
+            num(&k["voltage_volts"], " V", 2)
+        );
+        if let Some(f) = k["fips"].as_object() {
+            let _ = writeln!(
+                out,
+                "  FIPS 140-2   {} blocks, {} failures (monobit {}, poker {}, runs {})",
+                f["blocks"], f["failures"], f["monobit"], f["poker"], f["runs"]
+            );
+        }
+        if let Some(s) = k["shannons_per_byte"].as_object() {
+            let _ = writeln!(
+                out,
+                "  Sh/byte      raw L {} R {} XOR {}, debiased L {} R {}",
+                num(&s["raw_left"], "", 2),
+                num(&s["raw_right"], "", 2),
+                num(&s["raw_xor"], "", 2),
+                num(&s["debiased_left"], "", 2),
+                num(&s["debiased_right"], "", 2)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  entropy      {} delivered, {} B/s",
+            human_bytes(k["bytes_delivered"].as_u64().unwrap_or(0)),
+            k["entropy_rate_bytes_per_second"]
+        );
+        let _ = writeln!(
+            out,
+            "  errors       {} bad MACs, {} framing, {} replays dropped",
+            k["mac_failures"], k["framing_errors"], k["replays_dropped"]
+        );
+        let _ = writeln!(
+            out,
+            "  sessions     {} re-keys, {} resets, {} connects, up {}",
+            k["rekeys"],
+            k["resets"],
+            k["connects"],
+            duration(k["uptime_seconds"].as_f64().unwrap_or(0.0))
+        );
+    }
+    out
+}

@@ -1,0 +1,162 @@
+//! The daemon with two software keys, one unplugged and re-plugged.
+
+mod support;
+
+use std::collections::HashSet;
+
+use support::{Daemon, Emulator, Scratch, blocks, wait_for};
+
+const RING: &str = "# two software keys, same long-term key\n\
+RW11bGF0ZWRLZXkx Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n\
+QUFBQUFBQUFBQUFB Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n";
+
+fn key(dir: &Scratch, sock: &str, serial: &str, record: &str) -> Emulator {
+    Emulator::start(&[
+        "--unix",
+        dir.path(sock).to_str().unwrap(),
+        "--serial",
+        serial,
+        "--record",
+        dir.path(record).to_str().unwrap(),
+        "--rate",
+        "20000",
+    ])
+}
+
+fn key_status<'a>(doc: &'a serde_json::Value, serial: &str) -> &'a serde_json::Value {
+    doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["serial"] == serial)
+        .unwrap_or_else(|| panic!("no key {serial} in {doc}"))
+}
+
+/// `part` (the blocks of one key instance, in output order) is its record,
+/// except perhaps the record's last block (sent as the key was stopped).
+fn assert_whole_record(part: &[[u8; 32]], record: &[[u8; 32]], what: &str) {
+    assert!(!part.is_empty(), "{what}: nothing delivered");
+    assert!(
+        part.len() == record.len() || part.len() + 1 == record.len(),
+        "{what}: {} of {} blocks delivered",
+        part.len(),
+        record.len()
+    );
+    assert!(
+        part == &record[..part.len()],
+        "{what}: blocks missing, duplicated or out of order"
+    );
+}
+
+#[test]
+fn two_keys_one_replugged_nothing_lost_or_duplicated() {
+    let dir = Scratch::new("daemon-two");
+    let ring = dir.write("keyring", RING);
+    let a = key(&dir, "a.sock", "QUFBQUFBQUFBQUFB", "a.rec");
+    let b1 = key(&dir, "b.sock", "RW11bGF0ZWRLZXkx", "b1.rec");
+    let out = dir.path("out.bin");
+    let daemon = Daemon::start(
+        &dir,
+        &[
+            "--device",
+            a.path.to_str().unwrap(),
+            "--device",
+            b1.path.to_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(wait_for(10, || {
+        let s = daemon.status();
+        s["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["running"] == true)
+    }));
+    assert!(wait_for(10, || blocks(&out).len() > 300));
+
+    // Unplug B: the daemon notices, A keeps going.
+    b1.stop();
+    assert!(wait_for(10, || key_status(
+        &daemon.status(),
+        "RW11bGF0ZWRLZXkx"
+    )["connected"]
+        == false));
+    let a_before = key_status(&daemon.status(), "QUFBQUFBQUFBQUFB")["bytes_delivered"]
+        .as_u64()
+        .unwrap();
+    assert!(wait_for(10, || {
+        key_status(&daemon.status(), "QUFBQUFBQUFBQUFB")["bytes_delivered"]
+            .as_u64()
+            .unwrap()
+            > a_before + 3200
+    }));
+
+    // Re-plug B (a new key process on the same socket): it resumes.
+    let b2 = key(&dir, "b.sock", "RW11bGF0ZWRLZXkx", "b2.rec");
+    assert!(wait_for(15, || {
+        let s = daemon.status();
+        let b = key_status(&s, "RW11bGF0ZWRLZXkx");
+        b["running"] == true && b["connects"] == 2
+    }));
+    let before = key_status(&daemon.status(), "RW11bGF0ZWRLZXkx")["bytes_delivered"]
+        .as_u64()
+        .unwrap();
+    assert!(wait_for(10, || {
+        key_status(&daemon.status(), "RW11bGF0ZWRLZXkx")["bytes_delivered"]
+            .as_u64()
+            .unwrap()
+            > before + 3200
+    }));
+    let s = daemon.status();
+    assert_eq!(key_status(&s, "QUFBQUFBQUFBQUFB")["connects"], 1);
+    assert_eq!(
+        key_status(&s, "RW11bGF0ZWRLZXkx")["rekeys"]
+            .as_u64()
+            .unwrap(),
+        2
+    );
+
+    // Stop the keys first (the daemon reads what they sent), then it.
+    a.stop();
+    b2.stop();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(daemon.terminate(), "daemon did not exit cleanly on SIGTERM");
+
+    let got = blocks(&out);
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len() % 32,
+        0,
+        "no half-written block"
+    );
+    let (ra, rb1, rb2) = (
+        blocks(&dir.path("a.rec")),
+        blocks(&dir.path("b1.rec")),
+        blocks(&dir.path("b2.rec")),
+    );
+    let (sa, sb1, sb2): (HashSet<_>, HashSet<_>, HashSet<_>) = (
+        ra.iter().collect(),
+        rb1.iter().collect(),
+        rb2.iter().collect(),
+    );
+    let mut seen = HashSet::new();
+    let (mut pa, mut pb1, mut pb2) = (Vec::new(), Vec::new(), Vec::new());
+    for b in &got {
+        assert!(seen.insert(*b), "a block was delivered twice");
+        if sa.contains(b) {
+            pa.push(*b);
+        } else if sb1.contains(b) {
+            pb1.push(*b);
+        } else if sb2.contains(b) {
+            pb2.push(*b);
+        } else {
+            panic!("the daemon delivered a block no key sent");
+        }
+    }
+    assert_whole_record(&pa, &ra, "key A");
+    assert_whole_record(&pb1, &rb1, "key B before unplug");
+    assert_whole_record(&pb2, &rb2, "key B after re-plug");
+}
