@@ -12,6 +12,7 @@ use crate::keyring::{self, Keyring};
 use crate::soft::{self, DEMO_SERIAL, SoftKey, demo_long_term_key};
 use crate::status;
 use crate::transport::{self, Link};
+use crate::usb;
 use clap::{Args, Parser, Subcommand};
 use ekey_proto::device::DeviceConfig;
 use ekey_proto::host::{Config, Event, State};
@@ -67,6 +68,12 @@ enum Command {
         /// The control socket `ekey-host status` asks (mode 0600).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+    },
+    /// List the Entropy Keys on USB, and whether the keyring has their keys.
+    List {
+        /// The keyring of long-term keys.
+        #[arg(long, value_name = "FILE", default_value = keyring::DEFAULT_PATH)]
+        keyring: PathBuf,
     },
     /// Ask the running daemon how its keys are doing.
     Status {
@@ -160,6 +167,7 @@ pub fn main() -> ExitCode {
                 control,
             } => run(keys, output, limit, None, control).await,
             Command::Status { json, control } => status_command(json, &control).await,
+            Command::List { keyring } => list_command(&keyring).await,
             Command::Read {
                 count,
                 output,
@@ -229,8 +237,20 @@ fn load_keyring(keys: &KeySources) -> Result<Keyring, String> {
             tracing::debug!("no keyring: {e}");
             Keyring::new()
         }
+        // No keyring yet: keys get "no long-term key in keyring" until one
+        // is written (`ekey-host rekey`) and the daemon reloads (SIGHUP).
+        Err(keyring::KeyringError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            warn!(
+                "keyring {} does not exist yet: keys will give no entropy until it has their long-term keys",
+                keys.keyring.display()
+            );
+            Keyring::new()
+        }
         Err(e) => return Err(e.to_string()),
     };
+    if let Ok(Some(w)) = keyring::check_permissions(&keys.keyring) {
+        warn!("{w}");
+    }
     if keys.emulate && !ring.contains(&DEMO_SERIAL) {
         ring.set(DEMO_SERIAL, demo_long_term_key());
     }
@@ -262,6 +282,68 @@ async fn open_output(output: Option<&Path>) -> Result<Option<Box<dyn Write + Sen
     })
 }
 
+/// Every key's status, growing as keys are plugged in.
+type SharedStatuses = Arc<Mutex<Vec<SharedStatus>>>;
+
+fn snapshot(statuses: &SharedStatuses) -> Vec<KeyStatus> {
+    statuses
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .collect()
+}
+
+/// The status entry for a key: a disconnected entry with the same serial
+/// is reused (a re-plugged key keeps its history), else a new one.
+fn add_status(statuses: &SharedStatuses, transport: String, serial: Option<&str>) -> SharedStatus {
+    let mut list = statuses.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(serial) = serial {
+        for st in list.iter() {
+            let mut g = st.lock().unwrap_or_else(|p| p.into_inner());
+            if !g.connected && g.serial.is_some_and(|s| s.to_string() == serial) {
+                g.transport = transport;
+                return st.clone();
+            }
+        }
+    }
+    let st = Arc::new(Mutex::new(KeyStatus::new(transport)));
+    list.push(st.clone());
+    st
+}
+
+/// Drives a key on USB until it goes away; a key that stops answering
+/// gets a USB port reset (it then re-enumerates and comes back through
+/// hot-plug).
+fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses) {
+    let status = add_status(statuses, usb::describe(&info), info.serial_number());
+    let mut ctx = ctx.clone();
+    tokio::spawn(async move {
+        let where_ = usb::describe(&info);
+        match usb::open(&info).await {
+            Ok((mut link, dev)) => match drive_one(&mut link, &mut ctx, &status, true).await {
+                Ok(Ended::Unresponsive) => {
+                    warn!("{where_}: key does not answer; resetting its USB port");
+                    drop(link);
+                    if let Err(e) = usb::reset(&dev).await {
+                        warn!("{where_}: USB port reset failed: {e}");
+                    }
+                }
+                Ok(Ended::Closed) => info!("{where_}: key unplugged"),
+                Ok(Ended::OutputClosed) => {}
+                Err(e) => info!("{where_}: key gone: {e}"),
+            },
+            Err(e) => {
+                warn!("{e}");
+                if ctx.is_read {
+                    let _ = ctx.fail_tx.send(format!("cannot use the key: {e}"));
+                }
+            }
+        }
+        set_connected(&status, false);
+    });
+}
+
 /// What every key task shares.
 #[derive(Clone)]
 struct Ctx {
@@ -282,11 +364,6 @@ async fn run(
     control: Option<PathBuf>,
 ) -> Result<(), String> {
     let is_read = read_timeout.is_some();
-    if keys.devices.is_empty() && !keys.emulate {
-        return Err("no key to use: give --device PATH or --emulate \
-                    (driving keys over USB is not built yet)"
-            .into());
-    }
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(&keys)?));
     let mut out = open_output(output.as_deref()).await?;
     let (tx, mut rx) = mpsc::channel::<Block>(64);
@@ -299,16 +376,14 @@ async fn run(
         reload: reload_rx,
         is_read,
     };
-    let mut statuses: Vec<SharedStatus> = Vec::new();
+    let statuses: SharedStatuses = Arc::new(Mutex::new(Vec::new()));
 
     for path in &keys.devices {
-        let status = Arc::new(Mutex::new(KeyStatus::new(path.display().to_string())));
-        statuses.push(status.clone());
+        let status = add_status(&statuses, path.display().to_string(), None);
         tokio::spawn(keep_device(path.clone(), ctx.clone(), status));
     }
     if keys.emulate {
-        let status = Arc::new(Mutex::new(KeyStatus::new("built-in software key")));
-        statuses.push(status.clone());
+        let status = add_status(&statuses, "built-in software key".into(), None);
         let (host_end, mut key_end) = tokio::io::duplex(4096);
         let slot = soft::slot_for_rate(keys.rate);
         info!(
@@ -322,10 +397,42 @@ async fn run(
         let mut ctx = ctx.clone();
         tokio::spawn(async move {
             let mut link: Link = Box::new(host_end);
-            let _ = drive_one(&mut link, &mut ctx, &status).await;
+            let _ = drive_one(&mut link, &mut ctx, &status, false).await;
         });
     }
-    let sources = statuses.len();
+    if keys.devices.is_empty() && !keys.emulate {
+        // USB, the default: every key attached now, and (for the daemon)
+        // every key plugged in later.
+        let watch = if is_read {
+            None
+        } else {
+            Some(usb::watch().map_err(|e| format!("cannot watch USB hot-plug events: {e}"))?)
+        };
+        let found = usb::list().await.map_err(|e| {
+            format!("{e}; to use a key on a tty or socket give --device PATH, or --emulate for the built-in software key")
+        })?;
+        if found.is_empty() {
+            if is_read {
+                return Err("no key found: no Entropy Key (USB 20df:0001) is attached".into());
+            }
+            info!("no Entropy Key attached yet: waiting for one to be plugged in");
+        }
+        for info in found {
+            start_usb_key(info, &ctx, &statuses);
+        }
+        if let Some(mut watch) = watch {
+            let (ctx, statuses) = (ctx.clone(), statuses.clone());
+            tokio::spawn(async move {
+                while let Some(ev) = usb::next_event(&mut watch).await {
+                    if let usb::Hotplug::Arrived(info) = ev {
+                        info!("key plugged in: {}", usb::describe(&info));
+                        start_usb_key(info, &ctx, &statuses);
+                    }
+                }
+            });
+        }
+    }
+    let sources = statuses.lock().unwrap_or_else(|p| p.into_inner()).len();
     drop(ctx);
 
     let started = std::time::Instant::now();
@@ -466,7 +573,7 @@ fn reload_keyring(
 
 async fn serve_control(
     listener: tokio::net::UnixListener,
-    statuses: Vec<SharedStatus>,
+    statuses: SharedStatuses,
     started: std::time::Instant,
     ring: SharedKeyring,
     keyring_path: PathBuf,
@@ -486,10 +593,7 @@ async fn serve_control(
             };
         let answer = match command.as_str() {
             "status" => {
-                let snapshot: Vec<KeyStatus> = statuses
-                    .iter()
-                    .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
-                    .collect();
+                let snapshot = snapshot(&statuses);
                 let doc = status::status_json(&snapshot, std::time::Instant::now(), started);
                 format!("{doc}\n")
             }
@@ -509,9 +613,11 @@ async fn serve_control(
 async fn keep_device(path: PathBuf, mut ctx: Ctx, status: SharedStatus) {
     loop {
         match transport::open_path(&path).await {
-            Ok(mut link) => match drive_one(&mut link, &mut ctx, &status).await {
+            Ok(mut link) => match drive_one(&mut link, &mut ctx, &status, false).await {
                 Ok(Ended::OutputClosed) => return,
-                Ok(Ended::Closed) => warn!("{}: key went away", path.display()),
+                Ok(Ended::Closed | Ended::Unresponsive) => {
+                    warn!("{}: key went away", path.display())
+                }
                 Err(e) => warn!("{}: {e}", path.display()),
             },
             Err(e) => {
@@ -544,9 +650,14 @@ fn set_connected(status: &SharedStatus, up: bool) {
         .set_connected(up);
 }
 
-async fn drive_one(link: &mut Link, ctx: &mut Ctx, status: &SharedStatus) -> io::Result<Ended> {
+async fn drive_one(
+    link: &mut Link,
+    ctx: &mut Ctx,
+    status: &SharedStatus,
+    stop_when_unresponsive: bool,
+) -> io::Result<Ended> {
     set_connected(status, true);
-    let r = drive_connected(link, ctx, status).await;
+    let r = drive_connected(link, ctx, status, stop_when_unresponsive).await;
     set_connected(status, false);
     r
 }
@@ -555,6 +666,7 @@ async fn drive_connected(
     link: &mut Link,
     ctx: &mut Ctx,
     status: &SharedStatus,
+    stop_when_unresponsive: bool,
 ) -> io::Result<Ended> {
     driver::drain(link, Duration::from_millis(50), Duration::from_millis(500)).await?;
     let lookup = {
@@ -585,9 +697,13 @@ async fn drive_connected(
         }
         _ => {}
     };
+    let options = driver::DriveOptions {
+        config: Config::default(),
+        stop_when_unresponsive,
+    };
     driver::drive(
         link,
-        Config::default(),
+        options,
         &lookup,
         &ctx.tx,
         status,
@@ -597,10 +713,9 @@ async fn drive_connected(
     .await
 }
 
-fn print_status_line(statuses: &[SharedStatus], bytes: u64, elapsed: Duration) {
+fn print_status_line(statuses: &SharedStatuses, bytes: u64, elapsed: Duration) {
     let mut line = String::new();
-    for st in statuses {
-        let st = st.lock().unwrap_or_else(|p| p.into_inner());
+    for st in snapshot(statuses) {
         let serial = st.serial.map_or_else(|| "?".to_string(), |s| s.to_string());
         let temp = st
             .info
@@ -715,6 +830,32 @@ async fn status_command(json: bool, path: &Path) -> Result<(), String> {
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or(answer));
     } else {
         print!("{}", status::render(&doc));
+    }
+    Ok(())
+}
+
+async fn list_command(keyring_path: &Path) -> Result<(), String> {
+    let ring = match Keyring::load(keyring_path) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("ekey-host: {e}");
+            None
+        }
+    };
+    let keys = usb::list().await.map_err(|e| e.to_string())?;
+    if keys.is_empty() {
+        println!("no Entropy Key (USB 20df:0001) attached");
+        return Ok(());
+    }
+    for k in keys {
+        let serial = k.serial_number().unwrap_or("(no serial)");
+        let in_ring = match (&ring, serial.parse::<Serial>()) {
+            (Some(r), Ok(s)) if r.contains(&s) => "long-term key in keyring",
+            (Some(_), Ok(_)) => "NOT in keyring: run `ekey-host rekey`",
+            (None, _) => "keyring unreadable",
+            (_, Err(_)) => "serial is not a valid Entropy Key serial",
+        };
+        println!("{serial}  {}  {in_ring}", usb::describe(&k));
     }
     Ok(())
 }

@@ -98,6 +98,9 @@ pub enum Ended {
     Closed,
     /// Nobody takes blocks any more.
     OutputClosed,
+    /// The key stopped answering resets (and the caller asked to hear of
+    /// it, e.g. to reset its USB port).
+    Unresponsive,
 }
 
 /// Reads and discards what the key had queued before we arrived: reads
@@ -119,12 +122,22 @@ pub async fn drain(link: &mut Link, quiet: Duration, limit: Duration) -> io::Res
     }
 }
 
+/// How to drive a key.
+#[derive(Clone, Debug, Default)]
+pub struct DriveOptions {
+    /// The session's tunables.
+    pub config: Config,
+    /// End with [`Ended::Unresponsive`] when the key stops answering resets
+    /// (so that the caller can reset its USB port).
+    pub stop_when_unresponsive: bool,
+}
+
 /// Runs a session on `link` until the link or the output closes.
 /// `on_event` sees every event (after the status is updated); a change on
 /// `reload` (the keyring was re-read) resets the key.
 pub async fn drive<K: KeyLookup + ?Sized>(
     link: &mut Link,
-    config: Config,
+    options: DriveOptions,
     keyring: &K,
     blocks: &mpsc::Sender<Block>,
     status: &SharedStatus,
@@ -132,6 +145,10 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
 ) -> io::Result<Ended> {
     reload.mark_unchanged();
+    let DriveOptions {
+        config,
+        stop_when_unresponsive,
+    } = options;
     let base = tokio::time::Instant::now();
     let now = || Instant::from_millis(base.elapsed().as_millis() as u64);
     let mut rng = getrandom::SysRng;
@@ -159,8 +176,17 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             }
             _ = sleep_until_opt(deadline) => {
                 session.handle_timeout(now());
+                let unresponsive = session.counters().reset_timeouts > 0
+                    && session.state() == ekey_proto::host::State::Resetting;
+                let before = session.counters().reset_timeouts;
                 if !deliver(&mut session, status, blocks, on_event).await {
                     return Ok(Ended::OutputClosed);
+                }
+                if stop_when_unresponsive
+                    && unresponsive
+                    && before >= u64::from(session.config().unresponsive_after)
+                {
+                    return Ok(Ended::Unresponsive);
                 }
                 continue;
             }

@@ -10,3 +10,4 @@ pub mod keyring;
 pub mod soft;
 pub mod status;
 pub mod transport;
+pub mod usb;
