@@ -112,7 +112,8 @@ enum Command {
         /// Long-term key (44 PEM64 characters); default: the demo key.
         #[arg(long, value_name = "PEM44")]
         long_term_key: Option<String>,
-        /// Master key as printed on a card; enables long-term re-keying.
+        /// Master key as printed on a card, for long-term re-keying;
+        /// default: the demo master key.
         #[arg(long, value_name = "PRINTED")]
         master_key: Option<String>,
         /// Entropy rate, bytes per second.
@@ -136,6 +137,15 @@ enum Command {
     },
 }
 
+/// The log level from `EKEY_LOG` (`error`, `warn`, `info`, `debug`,
+/// `trace`); `info` by default.
+fn log_level() -> tracing::Level {
+    std::env::var("EKEY_LOG")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(tracing::Level::INFO)
+}
+
 /// Runs the command line in `std::env::args()`; the binary's `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -143,10 +153,7 @@ pub fn main() -> ExitCode {
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
         .with_target(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EKEY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_max_level(log_level())
         .init();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -239,7 +246,9 @@ fn load_keyring(keys: &KeySources) -> Result<Keyring, String> {
         }
         // No keyring yet: keys get "no long-term key in keyring" until one
         // is written (`ekey-host rekey`) and the daemon reloads (SIGHUP).
-        Err(keyring::KeyringError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+        Err(keyring::KeyringError::Io { source, .. })
+            if source.kind() == io::ErrorKind::NotFound =>
+        {
             warn!(
                 "keyring {} does not exist yet: keys will give no entropy until it has their long-term keys",
                 keys.keyring.display()
@@ -273,11 +282,12 @@ fn terminal_reason(state: State) -> Option<String> {
 async fn open_output(output: Option<&Path>) -> Result<Option<Box<dyn Write + Send>>, String> {
     Ok(match output {
         None => None,
-        Some(p) if p.as_os_str() == "-" => Some(Box::new(io::stdout())),
+        Some(p) if p.as_os_str() == "-" => Some(Box::new(io::BufWriter::new(io::stdout()))),
         Some(p) => {
-            Some(Box::new(std::fs::File::create(p).map_err(|e| {
-                format!("cannot create {}: {e}", p.display())
-            })?))
+            let f = std::fs::File::create(p)
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            // Whole blocks only: a batch is written, then flushed.
+            Some(Box::new(io::BufWriter::with_capacity(64 * 32, f)))
         }
     })
 }
@@ -490,12 +500,23 @@ async fn run(
         }
         tokio::select! {
             b = rx.recv() => {
-                let Some(block) = b else { break };
-                let take = limit.map_or(32, |l| (l - written).min(32)) as usize;
-                if let Some(w) = out.as_mut() {
-                    w.write_all(&block.data[..take]).map_err(|e| format!("cannot write output: {e}"))?;
+                let Some(first) = b else { break };
+                // Take every block that is waiting, then write them at once.
+                let mut next = Some(first);
+                while let Some(block) = next.take() {
+                    let take = limit.map_or(32, |l| (l - written).min(32)) as usize;
+                    if let Some(w) = out.as_mut() {
+                        w.write_all(&block.data[..take]).map_err(|e| format!("cannot write output: {e}"))?;
+                    }
+                    written += take as u64;
+                    if limit.is_some_and(|l| written >= l) {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
                 }
-                written += take as u64;
+                if let Some(w) = out.as_mut() {
+                    w.flush().map_err(|e| format!("cannot write output: {e}"))?;
+                }
             }
             f = fail_rx.recv(), if is_read && fail_open => {
                 let Some(reason) = f else {
@@ -700,6 +721,7 @@ async fn drive_connected(
     let options = driver::DriveOptions {
         config: Config::default(),
         stop_when_unresponsive,
+        coalesce: driver::DriveOptions::DEFAULT_COALESCE,
     };
     driver::drive(
         link,
@@ -758,9 +780,10 @@ async fn emulate(o: EmulateOptions) -> Result<(), String> {
         None => demo_long_term_key(),
     };
     let mut config = DeviceConfig::new(serial, ltk);
-    if let Some(m) = master_key {
-        config.master_key = Some(parse_master_key(&m).map_err(|e| format!("--master-key: {e}"))?);
-    }
+    config.master_key = Some(match master_key {
+        Some(m) => parse_master_key(&m).map_err(|e| format!("--master-key: {e}"))?,
+        None => soft::demo_master_key(),
+    });
     let mut key = SoftKey::new(config);
     key.set_faults(plan);
     let mut rec: Option<Box<dyn Write + Send>> = match &record {

@@ -123,13 +123,22 @@ pub async fn drain(link: &mut Link, quiet: Duration, limit: Duration) -> io::Res
 }
 
 /// How to drive a key.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct DriveOptions {
     /// The session's tunables.
     pub config: Config,
     /// End with [`Ended::Unresponsive`] when the key stops answering resets
     /// (so that the caller can reset its USB port).
     pub stop_when_unresponsive: bool,
+    /// After draining the line, wait this long before reading again, so
+    /// that frames are read in batches (fewer wakeups, less CPU). Zero
+    /// reads each frame as it comes.
+    pub coalesce: Duration,
+}
+
+impl DriveOptions {
+    /// The daemon's choice: batches of about a tenth of a second.
+    pub const DEFAULT_COALESCE: Duration = Duration::from_millis(100);
 }
 
 /// Runs a session on `link` until the link or the output closes.
@@ -148,6 +157,7 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     let DriveOptions {
         config,
         stop_when_unresponsive,
+        coalesce,
     } = options;
     let base = tokio::time::Instant::now();
     let now = || Instant::from_millis(base.elapsed().as_millis() as u64);
@@ -203,6 +213,12 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             }
         }
         session.handle_timeout(now());
+        // The line is drained: let frames gather instead of waking for
+        // each one (a key sends ~100 a second). Commands still go out at
+        // once, and no timeout of the session is anywhere near this short.
+        if n < buf.len() && !coalesce.is_zero() && !session.has_transmit() {
+            tokio::time::sleep(coalesce).await;
+        }
     }
 }
 

@@ -16,6 +16,12 @@ pub fn demo_long_term_key() -> LongTermKey {
     LongTermKey::from_bytes([0x5e; 32])
 }
 
+/// Master key of the demo software key: 32 bytes of 0x4d, printed (with
+/// its check byte) as `TU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU2T`.
+pub fn demo_master_key() -> ekey_proto::keys::MasterKey {
+    ekey_proto::keys::MasterKey::from_bytes([0x4d; 32])
+}
+
 /// Faults a software key injects now and then, for tests of the host
 /// (`ekey-host emulate --fault-…`). Zero means never.
 #[derive(Clone, Copy, Debug, Default)]
@@ -42,7 +48,9 @@ pub struct SoftKey {
 impl SoftKey {
     /// The demo key.
     pub fn demo() -> Self {
-        Self::new(DeviceConfig::new(DEMO_SERIAL, demo_long_term_key()))
+        let mut config = DeviceConfig::new(DEMO_SERIAL, demo_long_term_key());
+        config.master_key = Some(demo_master_key());
+        Self::new(config)
     }
 
     /// A software key with this configuration.
@@ -151,7 +159,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn demo_serial_reads_as_documented() {
+    fn demo_keys_read_as_documented() {
         assert_eq!(DEMO_SERIAL.to_string(), "RW11bGF0ZWRLZXkx");
+        assert_eq!(
+            &demo_long_term_key().to_pem()[..],
+            b"Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4="
+        );
+        let printed = ekey_proto::rekey::print_master_key(&demo_master_key());
+        assert_eq!(
+            &printed[..],
+            b"TU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU2T"
+        );
     }
 }

@@ -49,8 +49,11 @@
 //! - within one session key, sequence numbers must increase: a replayed or
 //!   older frame is dropped and counted;
 //! - the host re-keys on seeing sequence 4095 without waiting for `k>`, and
-//!   ignores `k>` while its own `K` is outstanding, up to
-//!   [`Config::max_ignored_rekey_requests`] of them, then resets;
+//!   ignores `k>` while its own `K` is outstanding (frames the key sent
+//!   before it saw the `K` may still be on their way; the re-key timeout
+//!   covers a lost `K`); a key that asks for
+//!   [`Config::max_rekeys_without_entropy`] session keys in a row without
+//!   sending entropy in between is reset;
 //! - any failure mode reported in `I>S` stops entropy until the key resets.
 
 use core::fmt;
@@ -104,9 +107,9 @@ pub struct Config {
     /// This many bad MACs in a row in a keyed session reset the key.
     /// A single bad frame is only dropped and counted. Default 3.
     pub max_consecutive_bad_macs: u32,
-    /// This many `k>` frames without a key switch or an entropy frame in
-    /// between (e.g. while a `K` is outstanding) reset the key. Default 8.
-    pub max_ignored_rekey_requests: u32,
+    /// A key that asks for this many session keys in a row (`K` sent each
+    /// time) without an entropy frame in between is reset. Default 8.
+    pub max_rekeys_without_entropy: u32,
     /// First wait before retrying a key whose long-term key was rejected.
     /// Default 5 s; doubles on every further rejection.
     pub rejected_backoff: Duration,
@@ -127,7 +130,7 @@ impl Default for Config {
             rekey_timeout: Duration::from_secs(3),
             idle_timeout: Some(Duration::from_secs(10)),
             max_consecutive_bad_macs: 3,
-            max_ignored_rekey_requests: 8,
+            max_rekeys_without_entropy: 8,
             rejected_backoff: Duration::from_secs(5),
             max_backoff: Duration::from_secs(300),
             unresponsive_after: 3,
@@ -464,7 +467,7 @@ pub struct Session {
     nonce: [u8; NONCE_LEN],
     nonce_counter: u32,
     consecutive_bad: u32,
-    ignored_rekey_requests: u32,
+    rekeys_without_entropy: u32,
     unanswered_resets: u32,
     rejections: u32,
     deadline: Option<Instant>,
@@ -500,7 +503,7 @@ impl Session {
             nonce: [0; NONCE_LEN],
             nonce_counter: 0,
             consecutive_bad: 0,
-            ignored_rekey_requests: 0,
+            rekeys_without_entropy: 0,
             unanswered_resets: 0,
             rejections: 0,
             deadline: None,
@@ -585,6 +588,12 @@ impl Session {
         }
     }
 
+    /// Whether bytes for the key are waiting in
+    /// [`poll_transmit`](Self::poll_transmit).
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let idle = match self.state {
@@ -653,7 +662,7 @@ impl Session {
         self.last_seq = None;
         self.unconfirmed = false;
         self.consecutive_bad = 0;
-        self.ignored_rekey_requests = 0;
+        self.rekeys_without_entropy = 0;
         let wait = if self.unanswered_resets == 0 {
             self.config.reset_timeout
         } else {
@@ -817,7 +826,7 @@ impl Session {
         self.last_seq = None;
         self.unconfirmed = false;
         self.consecutive_bad = 0;
-        self.ignored_rekey_requests = 0;
+        self.rekeys_without_entropy = 0;
         self.info = DeviceInfo::default();
         self.serial = Some(serial);
         self.push_event(Event::Serial(serial));
@@ -843,14 +852,15 @@ impl Session {
     ) {
         match self.state {
             State::WaitingForRekeyRequest | State::Running => {
-                self.send_rekey(now, Reason::RekeyRequested, rng);
-            }
-            State::Rekeying => {
-                self.ignored_rekey_requests = self.ignored_rekey_requests.saturating_add(1);
-                if self.ignored_rekey_requests >= self.config.max_ignored_rekey_requests {
+                if self.rekeys_without_entropy >= self.config.max_rekeys_without_entropy {
                     self.send_reset(now, Reason::RekeyLoop);
+                } else {
+                    self.send_rekey(now, Reason::RekeyRequested, rng);
                 }
             }
+            // Our K is outstanding: this k> may have left the key before
+            // it saw the K. The re-key timeout deals with a lost K.
+            State::Rekeying => {}
             // No long-term key, failure mode: nothing to answer with.
             _ => {}
         }
@@ -872,6 +882,7 @@ impl Session {
             return;
         }
         self.nonce_counter = self.nonce_counter.wrapping_add(1);
+        self.rekeys_without_entropy = self.rekeys_without_entropy.saturating_add(1);
         let mut buf = [0u8; TRANSMIT_CAPACITY];
         let Ok(n) = Command::SessionRekey(&self.nonce).write(&mut buf) else {
             return;
@@ -904,7 +915,6 @@ impl Session {
         self.keys = Some(FrameKeys::new(&serial, &session_key));
         self.unconfirmed = true;
         self.last_seq = None;
-        self.ignored_rekey_requests = 0;
         self.deadline = None;
         self.counters.rekeys = self.counters.rekeys.saturating_add(1);
         self.set_state(State::Running, Reason::Rekeyed);
@@ -936,7 +946,7 @@ impl Session {
             *p ^= k;
         }
         self.last_seq = Some(seq);
-        self.ignored_rekey_requests = 0;
+        self.rekeys_without_entropy = 0;
         self.counters.blocks = self.counters.blocks.saturating_add(1);
         self.push_event(Event::Entropy { seq, data: plain });
         if seq >= LAST_SEQUENCE {

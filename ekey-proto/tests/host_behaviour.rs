@@ -293,10 +293,38 @@ fn unsolicited_session_rekey_reply_is_ignored_and_the_session_recovers() {
 #[test]
 fn key_that_keeps_asking_for_a_key_is_reset() {
     let mut p = Pair::new(Config::default());
-    p.drop_commands = true; // every K is lost; the key keeps sending k>
-    assert!(p.run_until(300, |p| {
-        reasons(p).contains(&(State::Resetting, Reason::RekeyLoop))
+    // Every re-key is abandoned (B>), so the key asks again and again
+    // without ever sending entropy.
+    let mut looped = false;
+    for _ in 0..3000 {
+        p.device.faults_mut().bad_generators_on_rekey = true;
+        p.step();
+        if reasons(&p).contains(&(State::Resetting, Reason::RekeyLoop)) {
+            looped = true;
+            break;
+        }
+    }
+    assert!(looped);
+    assert!(p.released.is_empty());
+}
+
+#[test]
+fn rekey_requests_sent_before_the_key_saw_our_k_do_not_reset_it() {
+    let mut p = Pair::new(Config::default());
+    assert!(p.run_until(100, |p| p.session.state() == State::Rekeying));
+    // The K is lost; meanwhile the key goes on asking (k> every 8 slots),
+    // as a key does whose k> frames were queued before our K reached it.
+    let _ = p.session.poll_transmit();
+    p.drop_commands = true;
+    p.run(200); // 2.2 s: below the 3 s re-key timeout, ~25 k> frames
+    assert!(!reasons(&p).contains(&(State::Resetting, Reason::RekeyLoop)));
+    assert_eq!(p.session.state(), State::Rekeying);
+    // A lost K is what the re-key timeout is for.
+    p.drop_commands = false;
+    assert!(p.run_until(500, |p| {
+        reasons(p).contains(&(State::Resetting, Reason::RekeyTimeout))
     }));
+    assert!(p.run_until(500, |p| !p.released.is_empty()));
 }
 
 #[test]
