@@ -99,42 +99,45 @@ enum Command {
         timeout: u64,
     },
     /// Expose a software key to other programs, on a pty or a Unix socket.
-    Emulate {
-        /// Create a pseudo-terminal and print its path.
-        #[arg(long, conflicts_with = "unix")]
-        pty: bool,
-        /// Listen on this Unix socket (one client at a time).
-        #[arg(long, value_name = "PATH", required_unless_present = "pty")]
-        unix: Option<PathBuf>,
-        /// Serial number (16 PEM64 characters).
-        #[arg(long, value_name = "PEM16", default_value_t = DEMO_SERIAL.to_string())]
-        serial: String,
-        /// Long-term key (44 PEM64 characters); default: the demo key.
-        #[arg(long, value_name = "PEM44")]
-        long_term_key: Option<String>,
-        /// Master key as printed on a card, for long-term re-keying;
-        /// default: the demo master key.
-        #[arg(long, value_name = "PRINTED")]
-        master_key: Option<String>,
-        /// Entropy rate, bytes per second.
-        #[arg(long, value_name = "BYTES/S", default_value_t = 4000)]
-        rate: u32,
-        /// Append every plaintext block sent to this file, in order.
-        #[arg(long, value_name = "FILE")]
-        record: Option<PathBuf>,
-        /// Test faults: corrupt the MAC of every Nth frame.
-        #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
-        fault_corrupt_every: u64,
-        /// Test faults: garbage before every Nth frame.
-        #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
-        fault_garbage_every: u64,
-        /// Test faults: send every Nth entropy frame twice.
-        #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
-        fault_replay_every: u64,
-        /// Test faults: report this failure mode (e.g. 3) from the start.
-        #[arg(long, value_name = "CHAR", hide = true)]
-        fault_failure_mode: Option<char>,
-    },
+    Emulate(EmulateArgs),
+}
+
+#[derive(Args)]
+struct EmulateArgs {
+    /// Create a pseudo-terminal and print its path.
+    #[arg(long, conflicts_with = "unix")]
+    pty: bool,
+    /// Listen on this Unix socket (one client at a time).
+    #[arg(long, value_name = "PATH", required_unless_present = "pty")]
+    unix: Option<PathBuf>,
+    /// Serial number (16 PEM64 characters).
+    #[arg(long, value_name = "PEM16", default_value_t = DEMO_SERIAL.to_string())]
+    serial: String,
+    /// Long-term key (44 PEM64 characters); default: the demo key.
+    #[arg(long, value_name = "PEM44")]
+    long_term_key: Option<String>,
+    /// Master key as printed on a card, for long-term re-keying;
+    /// default: the demo master key.
+    #[arg(long, value_name = "PRINTED")]
+    master_key: Option<String>,
+    /// Entropy rate, bytes per second.
+    #[arg(long, value_name = "BYTES/S", default_value_t = 4000)]
+    rate: u32,
+    /// Append every plaintext block sent to this file, in order.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// Test faults: corrupt the MAC of every Nth frame.
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+    fault_corrupt_every: u64,
+    /// Test faults: garbage before every Nth frame.
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+    fault_garbage_every: u64,
+    /// Test faults: send every Nth entropy frame twice.
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+    fault_replay_every: u64,
+    /// Test faults: report this failure mode (e.g. 3) from the start.
+    #[arg(long, value_name = "CHAR", hide = true)]
+    fault_failure_mode: Option<char>,
 }
 
 /// The log level from `EKEY_LOG` (`error`, `warn`, `info`, `debug`,
@@ -191,37 +194,7 @@ pub fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Emulate {
-                pty,
-                unix,
-                serial,
-                long_term_key,
-                master_key,
-                rate,
-                record,
-                fault_corrupt_every,
-                fault_garbage_every,
-                fault_replay_every,
-                fault_failure_mode,
-            } => {
-                let plan = soft::FaultPlan {
-                    corrupt_every: fault_corrupt_every,
-                    garbage_every: fault_garbage_every,
-                    replay_every: fault_replay_every,
-                    failure_mode: fault_failure_mode.map(|c| c as u8),
-                };
-                let opts = EmulateOptions {
-                    pty,
-                    unix,
-                    serial,
-                    long_term_key,
-                    master_key,
-                    rate,
-                    record,
-                    plan,
-                };
-                emulate(opts).await
-            }
+            Command::Emulate(args) => emulate(args).await,
         }
     });
     match result {
@@ -749,19 +722,8 @@ fn print_status_line(statuses: &SharedStatuses, bytes: u64, elapsed: Duration) {
     eprint!("\r\x1b[K{line}{bytes} bytes · {rate:.0} B/s");
 }
 
-struct EmulateOptions {
-    pty: bool,
-    unix: Option<PathBuf>,
-    serial: String,
-    long_term_key: Option<String>,
-    master_key: Option<String>,
-    rate: u32,
-    record: Option<PathBuf>,
-    plan: soft::FaultPlan,
-}
-
-async fn emulate(o: EmulateOptions) -> Result<(), String> {
-    let EmulateOptions {
+async fn emulate(args: EmulateArgs) -> Result<(), String> {
+    let EmulateArgs {
         pty,
         unix,
         serial,
@@ -769,8 +731,17 @@ async fn emulate(o: EmulateOptions) -> Result<(), String> {
         master_key,
         rate,
         record,
-        plan,
-    } = o;
+        fault_corrupt_every,
+        fault_garbage_every,
+        fault_replay_every,
+        fault_failure_mode,
+    } = args;
+    let plan = soft::FaultPlan {
+        corrupt_every: fault_corrupt_every,
+        garbage_every: fault_garbage_every,
+        replay_every: fault_replay_every,
+        failure_mode: fault_failure_mode.map(|c| c as u8),
+    };
     let serial: Serial = serial
         .parse()
         .map_err(|e| format!("--serial: {e} (16 PEM64 characters)"))?;

@@ -4,12 +4,12 @@
 //! or an in-process pipe to the built-in software key.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::pin::Pin;
-use std::future::Future;
 use std::task::{Context, Poll, ready};
 
 use nix::sys::termios;
@@ -83,7 +83,10 @@ impl Tty {
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         set_raw(&file).map_err(|e| {
-            io::Error::new(e.kind(), format!("{}: cannot set raw mode: {e}", path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("{}: cannot set raw mode: {e}", path.display()),
+            )
         })?;
         Polled::new(file)
     }
@@ -162,7 +165,11 @@ where
     F: std::os::fd::AsRawFd + Unpin,
     for<'a> &'a F: Write,
 {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|inner| inner.get_ref().write(data)) {

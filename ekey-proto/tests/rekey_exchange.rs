@@ -19,6 +19,17 @@ fn device(master: Option<[u8; 32]>) -> Device {
 }
 
 fn exchange(dev: &mut Device, master: [u8; 32], config: RekeyConfig) -> RekeyOutcome {
+    exchange_with(dev, master, config, |_, _| {})
+}
+
+/// Runs a long-term re-key against `dev`; `on_command` sees every command
+/// before the key does (to inject faults).
+fn exchange_with(
+    dev: &mut Device,
+    master: [u8; 32],
+    config: RekeyConfig,
+    mut on_command: impl FnMut(&[u8], &mut Device),
+) -> RekeyOutcome {
     let mut noise = ChaCha20Rng::seed_from_u64(5);
     let mut rng = ChaCha20Rng::seed_from_u64(6);
     let mut now = Instant::ZERO;
@@ -26,6 +37,7 @@ fn exchange(dev: &mut Device, master: [u8; 32], config: RekeyConfig) -> RekeyOut
     for _ in 0..10_000 {
         now = Instant::from_millis(now.millis() + 11);
         while let Some(t) = r.poll_transmit() {
+            on_command(&t, dev);
             dev.handle_input(&t, &mut noise);
         }
         if let Some(o) = dev.poll(&mut noise) {
@@ -131,41 +143,21 @@ fn lost_long_term_reply_says_the_key_may_have_changed() {
     // The key takes the new long-term key, but its L! never verifies.
     let mut dev = device(Some(MASTER));
     let before = dev.long_term_key().clone();
-    let mut noise = ChaCha20Rng::seed_from_u64(5);
-    let mut rng = ChaCha20Rng::seed_from_u64(6);
     let cfg = RekeyConfig {
         retries: 0,
         ..RekeyConfig::default()
     };
-    let mut r =
-        LongTermRekey::new(cfg, MasterKey::from_bytes(MASTER), Instant::ZERO, &mut rng).unwrap();
-    let mut now = Instant::ZERO;
-    for _ in 0..2000 {
-        now = Instant::from_millis(now.millis() + 11);
-        while let Some(t) = r.poll_transmit() {
-            if t.first() == Some(&b'L') {
-                dev.faults_mut().corrupt_macs = 1;
-            }
-            dev.handle_input(&t, &mut noise);
+    let outcome = exchange_with(&mut dev, MASTER, cfg, |cmd, dev| {
+        if cmd.first() == Some(&b'L') {
+            dev.faults_mut().corrupt_macs = 1;
         }
-        if let Some(o) = dev.poll(&mut noise) {
-            let mut input: &[u8] = &o.bytes;
-            while !input.is_empty() {
-                let n = r.handle_input(now, input);
-                input = &input[n..];
-            }
-        }
-        r.handle_timeout(now);
-        if r.outcome().is_some() {
-            break;
-        }
-    }
+    });
     assert!(matches!(
-        r.outcome(),
-        Some(RekeyOutcome::TimedOut {
+        outcome,
+        RekeyOutcome::TimedOut {
             step: RekeyStep::Rekeying,
             key_may_have_changed: true
-        })
+        }
     ));
     assert!(!dev.long_term_key().ct_eq(&before), "the key did change");
 }
