@@ -1,5 +1,6 @@
 //! The `ekey-host` command line: `run`, `read`, `emulate`.
 
+use std::collections::BTreeSet;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -100,6 +101,60 @@ enum Command {
     },
     /// Expose a software key to other programs, on a pty or a Unix socket.
     Emulate(EmulateArgs),
+    /// Set a key's long-term key with the master key printed on its card,
+    /// and store it in the keyring.
+    Rekey(RekeyArgs),
+    /// Look after the keyring: `list`, `check`, `remove SERIAL`.
+    Keyring {
+        #[command(subcommand)]
+        action: KeyringAction,
+        /// The keyring file.
+        #[arg(long, value_name = "FILE", default_value = keyring::DEFAULT_PATH, global = true)]
+        keyring: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyringAction {
+    /// The serials in the keyring, and whether each key is attached now
+    /// (never the keys themselves).
+    List,
+    /// Parse the keyring; report bad lines and loose permissions.
+    Check,
+    /// Remove a key's entry.
+    Remove {
+        /// The key's serial (16 PEM64 characters).
+        serial: String,
+    },
+}
+
+#[derive(Args)]
+struct RekeyArgs {
+    /// The key on this tty or Unix socket (default: the key on USB).
+    #[arg(long, value_name = "PATH", conflicts_with = "serial")]
+    device: Option<PathBuf>,
+    /// The key on USB with this serial (needed when several are attached).
+    #[arg(long, value_name = "PEM16")]
+    serial: Option<String>,
+    /// The master key as printed on the key's card (spaces and dashes are
+    /// ignored). Without this or --master-key-file it is asked for.
+    #[arg(long, value_name = "KEY", conflicts_with = "master_key_file")]
+    master_key: Option<String>,
+    /// Read the master key from this file.
+    #[arg(long, value_name = "FILE")]
+    master_key_file: Option<PathBuf>,
+    /// The keyring to update.
+    #[arg(long, value_name = "FILE", default_value = keyring::DEFAULT_PATH)]
+    keyring: PathBuf,
+    /// Do not touch a keyring: print the new long-term key to stdout.
+    #[arg(long)]
+    no_keyring: bool,
+    /// The running daemon's control socket (to make it let go of the key).
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_PATH)]
+    control: PathBuf,
+    /// Tests only: the 12-byte nonce, in hex.
+    #[arg(long, value_name = "HEX", hide = true)]
+    nonce: Option<String>,
 }
 
 #[derive(Args)]
@@ -126,6 +181,9 @@ struct EmulateArgs {
     /// Append every plaintext block sent to this file, in order.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// Tests only: bytes (hex) the key's noise source yields first.
+    #[arg(long, value_name = "HEX", hide = true)]
+    noise_prefix: Option<String>,
     /// Test faults: corrupt the MAC of every Nth frame.
     #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
     fault_corrupt_every: u64,
@@ -195,6 +253,8 @@ pub fn main() -> ExitCode {
                 .await
             }
             Command::Emulate(args) => emulate(args).await,
+            Command::Rekey(args) => rekey_command(args).await,
+            Command::Keyring { action, keyring } => keyring_command(action, &keyring).await,
         }
     });
     match result {
@@ -303,28 +363,54 @@ fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses) {
     let mut ctx = ctx.clone();
     tokio::spawn(async move {
         let where_ = usb::describe(&info);
-        match usb::open(&info).await {
-            Ok((mut link, dev)) => match drive_one(&mut link, &mut ctx, &status, true).await {
-                Ok(Ended::Unresponsive) => {
-                    warn!("{where_}: key does not answer; resetting its USB port");
-                    drop(link);
-                    if let Err(e) = usb::reset(&dev).await {
-                        warn!("{where_}: USB port reset failed: {e}");
+        loop {
+            match usb::open(&info).await {
+                Ok((mut link, dev)) => match drive_one(&mut link, &mut ctx, &status, true).await {
+                    Ok(Ended::Unresponsive) => {
+                        warn!("{where_}: key does not answer; resetting its USB port");
+                        drop(link);
+                        if let Err(e) = usb::reset(&dev).await {
+                            warn!("{where_}: USB port reset failed: {e}");
+                        }
+                    }
+                    Ok(Ended::Released) => {
+                        // Let go (interface released) until the re-key is
+                        // done, then take the key back.
+                        drop(link);
+                        drop(dev);
+                        set_connected(&status, false);
+                        info!("{where_}: key released for a re-key");
+                        wait_until_resumed(&mut ctx, &status).await;
+                        continue;
+                    }
+                    Ok(Ended::Closed) => info!("{where_}: key unplugged"),
+                    Ok(Ended::OutputClosed) => {}
+                    Err(e) => info!("{where_}: key gone: {e}"),
+                },
+                Err(e) => {
+                    warn!("{e}");
+                    if ctx.is_read {
+                        let _ = ctx.fail_tx.send(format!("cannot use the key: {e}"));
                     }
                 }
-                Ok(Ended::Closed) => info!("{where_}: key unplugged"),
-                Ok(Ended::OutputClosed) => {}
-                Err(e) => info!("{where_}: key gone: {e}"),
-            },
-            Err(e) => {
-                warn!("{e}");
-                if ctx.is_read {
-                    let _ = ctx.fail_tx.send(format!("cannot use the key: {e}"));
-                }
             }
+            break;
         }
         set_connected(&status, false);
     });
+}
+
+/// Waits until the key of `status` is no longer released.
+async fn wait_until_resumed(ctx: &mut Ctx, status: &SharedStatus) {
+    loop {
+        let st = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !ctx.signals.is_released(&st) {
+            return;
+        }
+        if ctx.signals.released.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// What every key task shares.
@@ -333,7 +419,7 @@ struct Ctx {
     ring: SharedKeyring,
     tx: mpsc::Sender<Block>,
     fail_tx: mpsc::UnboundedSender<String>,
-    reload: tokio::sync::watch::Receiver<u64>,
+    signals: driver::Signals,
     is_read: bool,
 }
 
@@ -352,11 +438,15 @@ async fn run(
     let (tx, mut rx) = mpsc::channel::<Block>(64);
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<String>();
     let (reload_tx, reload_rx) = tokio::sync::watch::channel(0u64);
+    let (released_tx, released_rx) = tokio::sync::watch::channel(Arc::new(BTreeSet::new()));
     let ctx = Ctx {
         ring: ring.clone(),
         tx,
         fail_tx,
-        reload: reload_rx,
+        signals: driver::Signals {
+            reload: reload_rx,
+            released: released_rx,
+        },
         is_read,
     };
     let statuses: SharedStatuses = Arc::new(Mutex::new(Vec::new()));
@@ -437,22 +527,16 @@ async fn run(
         };
         if let Some(listener) = listener {
             bound_control = Some(path);
-            let statuses = statuses.clone();
-            let keyring_path = keys.keyring.clone();
-            let (ring, reload_tx) = (ring.clone(), reload_tx.clone());
-            let emulate = keys.emulate;
-            tokio::spawn(async move {
-                serve_control(
-                    listener,
-                    statuses,
-                    started,
-                    ring,
-                    keyring_path,
-                    emulate,
-                    reload_tx,
-                )
-                .await
-            });
+            let daemon = Daemon {
+                statuses: statuses.clone(),
+                started,
+                ring: ring.clone(),
+                keyring_path: keys.keyring.clone(),
+                emulate: keys.emulate,
+                reload_tx: reload_tx.clone(),
+                released_tx,
+            };
+            tokio::spawn(serve_control(listener, daemon));
         }
     }
 
@@ -565,15 +649,80 @@ fn reload_keyring(
     Ok(n)
 }
 
-async fn serve_control(
-    listener: tokio::net::UnixListener,
+/// What the control socket acts on.
+struct Daemon {
     statuses: SharedStatuses,
     started: std::time::Instant,
     ring: SharedKeyring,
     keyring_path: PathBuf,
     emulate: bool,
     reload_tx: tokio::sync::watch::Sender<u64>,
-) {
+    released_tx: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
+}
+
+impl Daemon {
+    fn reload(&self) -> Result<usize, String> {
+        reload_keyring(
+            &self.ring,
+            &self.keyring_path,
+            self.emulate,
+            &self.reload_tx,
+        )
+    }
+
+    /// Whether any key matching `target` (serial or transport) is connected.
+    fn holds(&self, target: &str) -> bool {
+        snapshot(&self.statuses).iter().any(|k| {
+            k.connected
+                && (k.transport == target || k.serial.is_some_and(|s| s.to_string() == target))
+        })
+    }
+
+    async fn answer(&self, command: &str) -> String {
+        let (verb, arg) = command.split_once(' ').unwrap_or((command, ""));
+        let arg = arg.trim();
+        match (verb, arg) {
+            ("status", "") => {
+                let snapshot = snapshot(&self.statuses);
+                let doc = status::status_json(&snapshot, std::time::Instant::now(), self.started);
+                format!("{doc}\n")
+            }
+            ("reload", "") => match self.reload() {
+                Ok(n) => format!("ok: keyring reloaded, {n} keys\n"),
+                Err(e) => format!("error: {e}\n"),
+            },
+            ("release", target) if !target.is_empty() => {
+                let held = self.holds(target);
+                self.released_tx.send_modify(|set| {
+                    Arc::make_mut(set).insert(target.to_owned());
+                });
+                if !held {
+                    return "ok: not held\n".into();
+                }
+                for _ in 0..100 {
+                    if !self.holds(target) {
+                        return "ok: released\n".into();
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                "error: the key was not released in time\n".into()
+            }
+            ("resume", target) if !target.is_empty() => {
+                let reloaded = self.reload();
+                self.released_tx.send_modify(|set| {
+                    Arc::make_mut(set).remove(target);
+                });
+                match reloaded {
+                    Ok(n) => format!("ok: resumed, keyring reloaded ({n} keys)\n"),
+                    Err(e) => format!("ok: resumed, but the keyring was not reloaded: {e}\n"),
+                }
+            }
+            _ => format!("error: unknown command {command:?}\n"),
+        }
+    }
+}
+
+async fn serve_control(listener: tokio::net::UnixListener, daemon: Daemon) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
@@ -585,18 +734,7 @@ async fn serve_control(
                 Ok(Ok(c)) => c,
                 _ => continue,
             };
-        let answer = match command.as_str() {
-            "status" => {
-                let snapshot = snapshot(&statuses);
-                let doc = status::status_json(&snapshot, std::time::Instant::now(), started);
-                format!("{doc}\n")
-            }
-            "reload" => match reload_keyring(&ring, &keyring_path, emulate, &reload_tx) {
-                Ok(n) => format!("ok: keyring reloaded, {n} keys\n"),
-                Err(e) => format!("error: {e}\n"),
-            },
-            other => format!("error: unknown command {other:?}\n"),
-        };
+        let answer = daemon.answer(&command).await;
         let _ =
             tokio::time::timeout(Duration::from_secs(2), stream.write_all(answer.as_bytes())).await;
     }
@@ -609,6 +747,13 @@ async fn keep_device(path: PathBuf, mut ctx: Ctx, status: SharedStatus) {
         match transport::open_path(&path).await {
             Ok(mut link) => match drive_one(&mut link, &mut ctx, &status, false).await {
                 Ok(Ended::OutputClosed) => return,
+                Ok(Ended::Released) => {
+                    drop(link);
+                    set_connected(&status, false);
+                    info!("{}: key released for a re-key", path.display());
+                    wait_until_resumed(&mut ctx, &status).await;
+                    continue;
+                }
                 Ok(Ended::Closed | Ended::Unresponsive) => {
                     warn!("{}: key went away", path.display())
                 }
@@ -702,7 +847,7 @@ async fn drive_connected(
         &lookup,
         &ctx.tx,
         status,
-        &mut ctx.reload,
+        &mut ctx.signals,
         &mut on_event,
     )
     .await
@@ -731,6 +876,7 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
         master_key,
         rate,
         record,
+        noise_prefix,
         fault_corrupt_every,
         fault_garbage_every,
         fault_replay_every,
@@ -757,6 +903,9 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
     });
     let mut key = SoftKey::new(config);
     key.set_faults(plan);
+    if let Some(h) = noise_prefix {
+        key.script_noise(&hex::decode(h.trim()).map_err(|e| format!("--noise-prefix: {e}"))?);
+    }
     let mut rec: Option<Box<dyn Write + Send>> = match &record {
         Some(p) => {
             Some(Box::new(std::fs::File::create(p).map_err(|e| {
@@ -852,4 +1001,304 @@ async fn list_command(keyring_path: &Path) -> Result<(), String> {
         println!("{serial}  {}  {in_ring}", usb::describe(&k));
     }
     Ok(())
+}
+
+/// The master key from the option, a file, or a prompt (no echo).
+fn read_master_key(args: &RekeyArgs) -> Result<ekey_proto::keys::MasterKey, String> {
+    let text = zeroize::Zeroizing::new(match (&args.master_key, &args.master_key_file) {
+        (Some(k), _) => k.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
+        }
+        (None, None) => {
+            if !io::stdin().is_terminal() {
+                return Err("no master key: give --master-key, --master-key-file, or run on a terminal to be asked".into());
+            }
+            rpassword::prompt_password("Master key (as printed on the card): ")
+                .map_err(|e| format!("cannot read the master key: {e}"))?
+        }
+    });
+    parse_master_key(text.trim()).map_err(|e| e.to_string())
+}
+
+/// Which key to re-key: the device given, or the one on USB.
+async fn rekey_target(args: &RekeyArgs) -> Result<(Link, String, Option<Serial>), String> {
+    let wanted: Option<Serial> = match &args.serial {
+        Some(s) => Some(s.parse().map_err(|e| format!("--serial: {e}"))?),
+        None => None,
+    };
+    if let Some(path) = &args.device {
+        let link = transport::open_path(path)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok((link, path.display().to_string(), wanted));
+    }
+    let keys = usb::list()
+        .await
+        .map_err(|e| format!("{e}; give --device PATH for a key on a tty or socket"))?;
+    let matching: Vec<_> = keys
+        .into_iter()
+        .filter(|k| wanted.is_none_or(|w| k.serial_number() == Some(w.to_string().as_str())))
+        .collect();
+    match matching.as_slice() {
+        [] => Err(match wanted {
+            Some(w) => format!("no key with serial {w} is attached"),
+            None => "no Entropy Key (USB 20df:0001) is attached".into(),
+        }),
+        [one] => {
+            let (link, _dev) = usb::open(one).await.map_err(|e| e.to_string())?;
+            let serial = one.serial_number().and_then(|s| s.parse().ok()).or(wanted);
+            Ok((link, usb::describe(one), serial))
+        }
+        several => {
+            let mut msg = String::from("several keys are attached; choose one with --serial:");
+            for k in several {
+                msg.push_str(&format!(
+                    "\n  {}  {}",
+                    k.serial_number().unwrap_or("?"),
+                    usb::describe(k)
+                ));
+            }
+            Err(msg)
+        }
+    }
+}
+
+/// Fixed nonce for tests (`--nonce`), else the OS generator.
+struct NonceSource(Option<[u8; 12]>);
+
+impl rand_core::TryRng for NonceSource {
+    type Error = getrandom::Error;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        rand_core::TryRng::try_next_u32(&mut getrandom::SysRng)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        rand_core::TryRng::try_next_u64(&mut getrandom::SysRng)
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        match self.0.take() {
+            Some(n) if n.len() == dst.len() => {
+                dst.copy_from_slice(&n);
+                Ok(())
+            }
+            _ => rand_core::TryRng::try_fill_bytes(&mut getrandom::SysRng, dst),
+        }
+    }
+}
+impl rand_core::TryCryptoRng for NonceSource {}
+
+async fn rekey_command(args: RekeyArgs) -> Result<(), String> {
+    // Everything that can be refused is refused before the key is touched.
+    let master = read_master_key(&args)?;
+    let nonce = match &args.nonce {
+        Some(h) => Some(
+            hex::decode(h.trim())
+                .ok()
+                .and_then(|v| <[u8; 12]>::try_from(v).ok())
+                .ok_or("--nonce: 24 hex digits")?,
+        ),
+        None => None,
+    };
+    let mut ring = if args.no_keyring {
+        None
+    } else {
+        Some(match Keyring::load(&args.keyring) {
+            Ok(r) => r,
+            Err(keyring::KeyringError::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound =>
+            {
+                Keyring::new()
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{e}\n(the keyring is rewritten after a re-key: fix it first)"
+                ));
+            }
+        })
+    };
+    // Ask a running daemon to let go of the key, and to take it back after.
+    let target = match (&args.device, &args.serial) {
+        (Some(p), _) => Some(p.display().to_string()),
+        (None, Some(s)) => Some(s.clone()),
+        (None, None) => usb::list().await.ok().and_then(|k| {
+            (k.len() == 1)
+                .then(|| k[0].serial_number().map(str::to_owned))
+                .flatten()
+        }),
+    };
+    let mut released = None;
+    if let Some(t) = &target {
+        match control::request(&args.control, &format!("release {t}")).await {
+            Ok(a) if a.starts_with("ok") => released = Some(t.clone()),
+            Ok(a) => {
+                return Err(format!(
+                    "the running daemon could not let go of the key: {}",
+                    a.trim()
+                ));
+            }
+            Err(_) => {} // no daemon running
+        }
+    }
+    let result = rekey_exchange(&args, master, nonce, ring.as_mut()).await;
+    if let Some(t) = released
+        && let Err(e) = control::request(&args.control, &format!("resume {t}")).await
+    {
+        eprintln!("ekey-host: could not tell the daemon to take the key back: {e}");
+    }
+    let (serial, key) = result?;
+    match ring {
+        None => {
+            println!("{serial} {}", String::from_utf8_lossy(&key.to_pem()[..]));
+            eprintln!("key {serial}: long-term key updated (not stored: --no-keyring)");
+        }
+        Some(_) => {
+            println!(
+                "key {serial}: long-term key updated (keyring {})",
+                args.keyring.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The exchange itself; on success the keyring (if any) is written.
+async fn rekey_exchange(
+    args: &RekeyArgs,
+    master: ekey_proto::keys::MasterKey,
+    nonce: Option<[u8; 12]>,
+    ring: Option<&mut Keyring>,
+) -> Result<(Serial, LongTermKey), String> {
+    use ekey_proto::rekey::{LongTermRekey, RekeyConfig, RekeyOutcome};
+    use tokio::io::AsyncReadExt;
+    let (mut link, where_, expected) = rekey_target(args).await?;
+    driver::drain(
+        &mut link,
+        Duration::from_millis(50),
+        Duration::from_millis(500),
+    )
+    .await
+    .map_err(|e| format!("{where_}: {e}"))?;
+    let base = tokio::time::Instant::now();
+    let now = || ekey_proto::time::Instant::from_millis(base.elapsed().as_millis() as u64);
+    let config = RekeyConfig {
+        expected_serial: expected,
+        ..RekeyConfig::default()
+    };
+    let mut proc = LongTermRekey::new(config, master, now(), &mut NonceSource(nonce))
+        .map_err(|e| format!("no random nonce: {e}"))?;
+    let mut buf = [0u8; 1024];
+    let outcome = loop {
+        while let Some(t) = proc.poll_transmit() {
+            link.write_all(&t)
+                .await
+                .map_err(|e| format!("{where_}: {e}"))?;
+            link.flush().await.map_err(|e| format!("{where_}: {e}"))?;
+        }
+        if let Some(o) = proc.take_outcome() {
+            break o;
+        }
+        let deadline = proc
+            .poll_timeout()
+            .map(|t| base + Duration::from_millis(t.millis()));
+        tokio::select! {
+            r = link.read(&mut buf) => {
+                let n = r.map_err(|e| format!("{where_}: {e}"))?;
+                if n == 0 {
+                    return Err(format!("{where_}: the key went away during the re-key"));
+                }
+                let mut input = &buf[..n];
+                while !input.is_empty() {
+                    let used = proc.handle_input(now(), input);
+                    input = &input[used..];
+                }
+            }
+            _ = sleep_until_opt(deadline) => proc.handle_timeout(now()),
+        }
+    };
+    match outcome {
+        RekeyOutcome::Done { serial, key } => {
+            if let Some(ring) = ring {
+                ring.set(serial, key.clone());
+                ring.save(&args.keyring).map_err(|e| {
+                    format!(
+                        "key {serial} has a new long-term key, but the keyring could not be written: {e}; \
+                         run the re-key again once the keyring is writable"
+                    )
+                })?;
+            }
+            Ok((serial, key))
+        }
+        RekeyOutcome::Refused {
+            serial,
+            refusal,
+            text,
+        } => Err(format!(
+            "key {serial} refused the long-term re-key: {refusal} (key says: {text}); keyring unchanged"
+        )),
+        RekeyOutcome::WrongSerial { expected, found } => Err(format!(
+            "the key answering is {found}, not {expected}; nothing changed"
+        )),
+        RekeyOutcome::NonceLength { received } => Err(format!(
+            "the key received {received} nonce bytes of 12; it may now hold a long-term key nobody knows: run the re-key again"
+        )),
+        RekeyOutcome::TimedOut {
+            step,
+            key_may_have_changed,
+        } => Err(if key_may_have_changed {
+            format!(
+                "no answer from the key ({step}); it may have taken a new long-term key whose reply was lost: run the re-key again"
+            )
+        } else {
+            format!("no answer from the key ({step}); nothing changed")
+        }),
+    }
+}
+
+async fn keyring_command(action: KeyringAction, path: &Path) -> Result<(), String> {
+    match action {
+        KeyringAction::List => {
+            let ring = Keyring::load(path).map_err(|e| e.to_string())?;
+            let attached: Option<Vec<String>> = usb::list().await.ok().map(|k| {
+                k.iter()
+                    .filter_map(|d| d.serial_number().map(str::to_owned))
+                    .collect()
+            });
+            for serial in ring.serials() {
+                let s = serial.to_string();
+                let now = match &attached {
+                    Some(a) if a.contains(&s) => "attached",
+                    Some(_) => "not attached",
+                    None => "attached: unknown (no USB here)",
+                };
+                println!("{s}  {now}");
+            }
+            Ok(())
+        }
+        KeyringAction::Check => {
+            let ring = Keyring::load(path).map_err(|e| e.to_string())?;
+            for w in ring.warnings() {
+                eprintln!("warning: {w}");
+            }
+            if let Ok(Some(w)) = keyring::check_permissions(path) {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "{}: {} keys, every line valid",
+                path.display(),
+                ring.serials().len()
+            );
+            Ok(())
+        }
+        KeyringAction::Remove { serial } => {
+            let serial: Serial = serial.parse().map_err(|e| format!("serial: {e}"))?;
+            let mut ring = Keyring::load(path).map_err(|e| e.to_string())?;
+            if !ring.remove(&serial) {
+                return Err(format!("{} has no key for {serial}", path.display()));
+            }
+            ring.save(path)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            println!("removed {serial} from {}", path.display());
+            Ok(())
+        }
+    }
 }

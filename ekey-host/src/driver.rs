@@ -101,6 +101,25 @@ pub enum Ended {
     /// The key stopped answering resets (and the caller asked to hear of
     /// it, e.g. to reset its USB port).
     Unresponsive,
+    /// Someone (`ekey-host rekey`) asked the daemon to let go of the key.
+    Released,
+}
+
+/// What the rest of the daemon tells a key's driver.
+#[derive(Clone)]
+pub struct Signals {
+    /// Bumped when the keyring was re-read: the key is reset to use it.
+    pub reload: tokio::sync::watch::Receiver<u64>,
+    /// Keys (serials or transports) the daemon must let go of for now.
+    pub released: tokio::sync::watch::Receiver<std::sync::Arc<std::collections::BTreeSet<String>>>,
+}
+
+impl Signals {
+    /// Whether the key described by `st` is to be let go of.
+    pub fn is_released(&self, st: &KeyStatus) -> bool {
+        let set = self.released.borrow();
+        set.contains(&st.transport) || st.serial.is_some_and(|s| set.contains(&s.to_string()))
+    }
 }
 
 /// Reads and discards what the key had queued before we arrived: reads
@@ -143,17 +162,19 @@ impl DriveOptions {
 
 /// Runs a session on `link` until the link or the output closes.
 /// `on_event` sees every event (after the status is updated); a change on
-/// `reload` (the keyring was re-read) resets the key.
+/// `signals.reload` (the keyring was re-read) resets the key, and a key
+/// named in `signals.released` is let go of ([`Ended::Released`]).
 pub async fn drive<K: KeyLookup + ?Sized>(
     link: &mut Link,
     options: DriveOptions,
     keyring: &K,
     blocks: &mpsc::Sender<Block>,
     status: &SharedStatus,
-    reload: &mut tokio::sync::watch::Receiver<u64>,
+    signals: &mut Signals,
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
 ) -> io::Result<Ended> {
-    reload.mark_unchanged();
+    signals.reload.mark_unchanged();
+    signals.released.mark_unchanged();
     let DriveOptions {
         config,
         stop_when_unresponsive,
@@ -174,13 +195,23 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             .map(|t| base + Duration::from_millis(t.millis()));
         let n = tokio::select! {
             r = link.read(&mut buf) => r?,
-            changed = reload.changed() => {
+            changed = signals.reload.changed() => {
                 if changed.is_ok() {
                     // The keyring changed: start over so it is used.
                     session.reset(now());
                 } else {
                     // Nobody will ask for reloads any more.
                     std::future::pending::<()>().await;
+                }
+                continue;
+            }
+            changed = signals.released.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let st = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if signals.is_released(&st) {
+                    return Ok(Ended::Released);
                 }
                 continue;
             }

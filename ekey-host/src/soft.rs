@@ -37,10 +37,43 @@ pub struct FaultPlan {
     pub failure_mode: Option<u8>,
 }
 
+/// The software key's noise: scripted bytes first (tests), then the OS
+/// generator.
+struct Noise {
+    script: std::collections::VecDeque<u8>,
+    os: rand_core::UnwrapErr<getrandom::SysRng>,
+}
+
+impl rand_core::TryRng for Noise {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        use rand_core::Rng;
+        let scripted = dst.len().min(self.script.len());
+        let (head, tail) = dst.split_at_mut(scripted);
+        for (d, b) in head.iter_mut().zip(self.script.drain(..scripted)) {
+            *d = b;
+        }
+        if !tail.is_empty() {
+            self.os.fill_bytes(tail);
+        }
+        Ok(())
+    }
+}
+
 /// A software key in this process.
 pub struct SoftKey {
     device: Device,
-    noise: rand_core::UnwrapErr<getrandom::SysRng>,
+    noise: Noise,
     plan: FaultPlan,
     frames: u64,
 }
@@ -57,10 +90,24 @@ impl SoftKey {
     pub fn new(config: DeviceConfig) -> Self {
         SoftKey {
             device: Device::new(config),
-            noise: rand_core::UnwrapErr(getrandom::SysRng),
+            noise: Noise {
+                script: std::collections::VecDeque::new(),
+                os: rand_core::UnwrapErr(getrandom::SysRng),
+            },
             plan: FaultPlan::default(),
             frames: 0,
         }
+    }
+
+    /// Bytes the key's noise source yields first (so a test can make the
+    /// key's device entropy a known value); the OS generator after them.
+    pub fn script_noise(&mut self, bytes: &[u8]) {
+        self.noise.script.extend(bytes);
+    }
+
+    /// The long-term key in the key's "flash".
+    pub fn long_term_key(&self) -> &LongTermKey {
+        self.device.long_term_key()
     }
 
     /// Sets the faults to inject.

@@ -1,0 +1,303 @@
+//! `ekey-host rekey` and `ekey-host keyring` against software keys.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use support::{DEMO_KEYRING, Daemon, Emulator, Scratch, blocks, ekey_host, read, wait_for};
+
+const DEMO_MASTER: &str = "TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU2T";
+
+fn rekey(args: &[&str]) -> std::process::Output {
+    Command::new(ekey_host())
+        .arg("rekey")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn vectors() -> serde_json::Value {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ekey-proto/tests/vectors/keying.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn b64(hex_str: &str) -> String {
+    // PEM64 of 32 bytes, as a keyring line holds it.
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = (0..hex_str.len() / 2)
+        .map(|i| u8::from_str_radix(&hex_str[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_long_term_rekey_vector_through_the_command() {
+    for (i, c) in vectors()["long_term_rekey"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let dir = Scratch::new(&format!("rekey-vector-{i}"));
+        let sock = dir.path("key.sock");
+        let ring = dir.path("keyring");
+        // The software key answers with the vector's device entropy.
+        let emu = Emulator::start(&[
+            "--unix",
+            sock.to_str().unwrap(),
+            "--serial",
+            c["serial_pem"].as_str().unwrap(),
+            "--master-key",
+            c["master_key_printed"].as_str().unwrap(),
+            "--noise-prefix",
+            c["device_entropy"].as_str().unwrap(),
+        ]);
+        let out = rekey(&[
+            "--device",
+            emu.path.to_str().unwrap(),
+            "--master-key",
+            c["master_key_printed"].as_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+            "--nonce",
+            c["host_nonce"].as_str().unwrap(),
+            "--control",
+            dir.path("no-daemon").to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "case {i}: {}", text(&out));
+        assert!(text(&out).contains("long-term key updated"));
+        let line = std::fs::read_to_string(&ring).unwrap();
+        assert_eq!(
+            line.trim(),
+            format!(
+                "{} {}",
+                c["serial_pem"].as_str().unwrap(),
+                b64(c["new_long_term_key"].as_str().unwrap())
+            ),
+            "case {i}"
+        );
+        let mode = std::fs::metadata(&ring).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}
+
+#[test]
+fn right_master_key_rekeys_and_the_new_key_works() {
+    let dir = Scratch::new("rekey-right");
+    let ring = dir.write("keyring", "# my keys\n");
+    let record = dir.path("record.bin");
+    let emu = Emulator::start(&[
+        "--unix",
+        dir.path("key.sock").to_str().unwrap(),
+        "--record",
+        record.to_str().unwrap(),
+        "--rate",
+        "100000",
+    ]);
+    let out = rekey(&[
+        "--device",
+        emu.path.to_str().unwrap(),
+        "--master-key",
+        DEMO_MASTER,
+        "--keyring",
+        ring.to_str().unwrap(),
+        "--control",
+        dir.path("no-daemon").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let content = std::fs::read_to_string(&ring).unwrap();
+    assert!(
+        content.starts_with("# my keys\nRW11bGF0ZWRLZXkx "),
+        "{content}"
+    );
+    assert!(
+        !content.contains("Xl5eXl5eXl5e"),
+        "the old demo key was replaced"
+    );
+    // The key now keys sessions with the new long-term key.
+    let got = dir.path("out.bin");
+    let r = read(2000, &emu.path, &ring, &got);
+    assert!(r.status.success(), "{}", text(&r));
+    emu.stop();
+    let sent = std::fs::read(&record).unwrap();
+    assert_eq!(std::fs::read(&got).unwrap(), sent[..2000]);
+}
+
+#[test]
+fn wrong_master_key_is_refused_and_the_keyring_is_untouched() {
+    let dir = Scratch::new("rekey-wrong");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = std::fs::read(&ring).unwrap();
+    let emu = Emulator::start(&["--unix", dir.path("key.sock").to_str().unwrap()]);
+    // A valid master key (right check digit), but not this key's.
+    let other = "exNhxZ9hBSvVk7vFKV8HpwZSt4F64fo2gLd/qUEgZSMH";
+    let out = rekey(&[
+        "--device",
+        emu.path.to_str().unwrap(),
+        "--master-key",
+        other,
+        "--keyring",
+        ring.to_str().unwrap(),
+        "--control",
+        dir.path("no-daemon").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("master key is wrong"), "{}", text(&out));
+    assert_eq!(std::fs::read(&ring).unwrap(), before, "keyring changed");
+    let mode = std::fs::metadata(&ring).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // The key still works with its old long-term key.
+    let r = read(100, &emu.path, &ring, &dir.path("out.bin"));
+    assert!(r.status.success(), "{}", text(&r));
+}
+
+#[test]
+fn mistyped_master_key_is_refused_before_any_traffic() {
+    let dir = Scratch::new("rekey-typo");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    // One character changed; the device path does not even exist, so any
+    // attempt to talk to a key would fail differently.
+    let out = rekey(&[
+        "--device",
+        dir.path("no-such-key").to_str().unwrap(),
+        "--master-key",
+        "TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU2t",
+        "--keyring",
+        ring.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("typing error"), "{t}");
+    assert!(!t.contains("No such file"), "{t}");
+    assert_eq!(std::fs::read_to_string(&ring).unwrap(), DEMO_KEYRING);
+}
+
+#[test]
+fn a_running_daemon_lets_go_of_the_key_and_takes_it_back_rekeyed() {
+    let dir = Scratch::new("rekey-daemon");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let emu = Emulator::start(&[
+        "--unix",
+        dir.path("key.sock").to_str().unwrap(),
+        "--rate",
+        "20000",
+    ]);
+    let out_file = dir.path("out.bin");
+    let daemon = Daemon::start(
+        &dir,
+        &[
+            "--device",
+            emu.path.to_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+            "--output",
+            out_file.to_str().unwrap(),
+        ],
+    );
+    let running = |d: &Daemon| d.status()["keys"][0]["running"] == true;
+    assert!(wait_for(10, || running(&daemon)));
+    let out = rekey(&[
+        "--device",
+        emu.path.to_str().unwrap(),
+        "--master-key",
+        DEMO_MASTER,
+        "--keyring",
+        ring.to_str().unwrap(),
+        "--control",
+        daemon.control.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The daemon took the key back and keys it with the new long-term key.
+    assert!(wait_for(10, || {
+        let s = daemon.status();
+        s["keys"][0]["running"] == true && s["keys"][0]["connects"] == 2
+    }));
+    let before = blocks(&out_file).len();
+    assert!(wait_for(10, || blocks(&out_file).len() > before + 50));
+    assert!(!std::fs::read_to_string(&ring).unwrap().contains("Xl5eXl5e"));
+}
+
+fn keyring_cmd(args: &[&str]) -> std::process::Output {
+    Command::new(ekey_host())
+        .arg("keyring")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn keyring_check_list_and_remove() {
+    let dir = Scratch::new("keyring-cmd");
+    let good = dir.write(
+        "good",
+        "# keys\nRW11bGF0ZWRLZXkx Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\nQUFBQUFBQUFBQUFB Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n",
+    );
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = keyring_cmd(&["check", "--keyring", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 keys"));
+    assert!(
+        text(&out).contains("chmod 600"),
+        "loose mode is flagged: {}",
+        text(&out)
+    );
+
+    let bad = dir.write("bad", "# keys\nRW11bGF0ZWRLZXkx not-a-key\n\nQUFBQUFB\n");
+    let out = keyring_cmd(&["check", "--keyring", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("line 2") && t.contains("line 4"), "{t}");
+
+    let out = keyring_cmd(&["list", "--keyring", good.to_str().unwrap()]);
+    assert!(out.status.success());
+    let t = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(t.contains("RW11bGF0ZWRLZXkx") && t.contains("QUFBQUFBQUFBQUFB"));
+    assert!(!t.contains("Xl5e"), "never the keys themselves");
+
+    let out = keyring_cmd(&[
+        "remove",
+        "QUFBQUFBQUFBQUFB",
+        "--keyring",
+        good.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(&good).unwrap(),
+        "# keys\nRW11bGF0ZWRLZXkx Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n"
+    );
+    let mode = std::fs::metadata(&good).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let out = keyring_cmd(&[
+        "remove",
+        "QUFBQUFBQUFBQUFB",
+        "--keyring",
+        good.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+}
