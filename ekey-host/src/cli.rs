@@ -312,17 +312,57 @@ fn terminal_reason(state: State) -> Option<String> {
     }
 }
 
-async fn open_output(output: Option<&Path>) -> Result<Option<Box<dyn Write + Send>>, String> {
-    Ok(match output {
-        None => None,
-        Some(p) if p.as_os_str() == "-" => Some(Box::new(io::BufWriter::new(io::stdout()))),
+/// Where verified entropy goes: a file or stdout, written by a thread of
+/// its own so that a stalled reader (a full pipe) never stalls the daemon.
+struct Output {
+    tx: mpsc::Sender<([u8; 32], usize)>,
+    done: tokio::sync::oneshot::Receiver<io::Result<()>>,
+}
+
+fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
+    let mut w: Box<dyn Write + Send> = match output {
+        None => return Ok(None),
+        Some(p) if p.as_os_str() == "-" => Box::new(io::BufWriter::new(io::stdout())),
         Some(p) => {
-            let f = std::fs::File::create(p)
+            use std::os::unix::fs::OpenOptionsExt;
+            // Entropy is secret material: not readable by others.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
                 .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
-            // Whole blocks only: a batch is written, then flushed.
-            Some(Box::new(io::BufWriter::with_capacity(64 * 32, f)))
+            Box::new(io::BufWriter::with_capacity(64 * 32, f))
         }
-    })
+    };
+    let (tx, mut rx) = mpsc::channel::<([u8; 32], usize)>(64);
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ekey-output".into())
+        .spawn(move || {
+            let mut result = Ok(());
+            // Whole blocks, written in batches, flushed when the queue is
+            // empty; everything queued is written before the thread ends.
+            while let Some((block, take)) = rx.blocking_recv() {
+                result = w.write_all(&block[..take]);
+                while result.is_ok() {
+                    match rx.try_recv() {
+                        Ok((b, t)) => result = w.write_all(&b[..t]),
+                        Err(_) => break,
+                    }
+                }
+                if result.is_ok() {
+                    result = w.flush();
+                }
+                if result.is_err() {
+                    break;
+                }
+            }
+            let _ = done_tx.send(result.and_then(|()| w.flush()));
+        })
+        .map_err(|e| format!("cannot start the output thread: {e}"))?;
+    Ok(Some(Output { tx, done }))
 }
 
 /// Every key's status, growing as keys are plugged in.
@@ -390,7 +430,9 @@ fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses) {
                 Err(e) => {
                     warn!("{e}");
                     if ctx.is_read {
-                        let _ = ctx.fail_tx.send(format!("cannot use the key: {e}"));
+                        let _ = ctx
+                            .fail_tx
+                            .send((where_.clone(), format!("cannot use the key: {e}")));
                     }
                 }
             }
@@ -418,7 +460,7 @@ async fn wait_until_resumed(ctx: &mut Ctx, status: &SharedStatus) {
 struct Ctx {
     ring: SharedKeyring,
     tx: mpsc::Sender<Block>,
-    fail_tx: mpsc::UnboundedSender<String>,
+    fail_tx: mpsc::UnboundedSender<(String, String)>,
     signals: driver::Signals,
     is_read: bool,
 }
@@ -434,9 +476,9 @@ async fn run(
 ) -> Result<(), String> {
     let is_read = read_timeout.is_some();
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(&keys)?));
-    let mut out = open_output(output.as_deref()).await?;
+    let mut out = open_output(output.as_deref())?;
     let (tx, mut rx) = mpsc::channel::<Block>(64);
-    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<String>();
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<(String, String)>();
     let (reload_tx, reload_rx) = tokio::sync::watch::channel(0u64);
     let (released_tx, released_rx) = tokio::sync::watch::channel(Arc::new(BTreeSet::new()));
     let ctx = Ctx {
@@ -545,52 +587,66 @@ async fn run(
     let t0 = tokio::time::Instant::now();
     let deadline = read_timeout.map(|d| t0 + d);
     let mut written: u64 = 0;
-    let mut failures: Vec<String> = Vec::new();
+    let mut failures: std::collections::BTreeMap<String, String> = Default::default();
     let mut fail_open = true;
+    let mut interrupted = false;
+    let mut pending: Option<Block> = None;
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut sighup =
         signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    let mut output_error: Option<io::Error> = None;
     loop {
         if limit.is_some_and(|l| written >= l) {
             break;
         }
+        let writer = out.as_ref().map(|o| o.tx.clone());
         tokio::select! {
-            b = rx.recv() => {
-                let Some(first) = b else { break };
-                // Take every block that is waiting, then write them at once.
-                let mut next = Some(first);
-                while let Some(block) = next.take() {
-                    let take = limit.map_or(32, |l| (l - written).min(32)) as usize;
-                    if let Some(w) = out.as_mut() {
-                        w.write_all(&block.data[..take]).map_err(|e| format!("cannot write output: {e}"))?;
-                    }
-                    written += take as u64;
-                    if limit.is_some_and(|l| written >= l) {
-                        break;
-                    }
-                    next = rx.try_recv().ok();
+            // A block waits for room in the output: backpressure reaches the
+            // keys through the bounded channels, nothing is dropped.
+            b = rx.recv(), if pending.is_none() => {
+                let Some(block) = b else { break };
+                if writer.is_some() {
+                    pending = Some(block);
+                } else {
+                    written += limit.map_or(32, |l| (l - written).min(32));
                 }
-                if let Some(w) = out.as_mut() {
-                    w.flush().map_err(|e| format!("cannot write output: {e}"))?;
+            }
+            permit = reserve(writer.as_ref()), if pending.is_some() => {
+                let Ok(permit) = permit else {
+                    // The output thread ended: it says why below.
+                    break;
+                };
+                if let Some(block) = pending.take() {
+                    let take = limit.map_or(32, |l| (l - written).min(32));
+                    permit.send((block.data, take as usize));
+                    written += take;
                 }
             }
             f = fail_rx.recv(), if is_read && fail_open => {
-                let Some(reason) = f else {
+                let Some((source, reason)) = f else {
                     fail_open = false;
                     continue;
                 };
-                failures.push(reason);
+                failures.insert(source, reason);
                 if failures.len() >= sources {
                     break;
                 }
             }
             _ = sleep_until_opt(deadline) => {
-                failures.push(format!("timed out after {} s waiting for entropy", read_timeout.unwrap_or_default().as_secs()));
+                failures.insert(String::new(), format!("timed out after {} s waiting for entropy", read_timeout.unwrap_or_default().as_secs()));
                 break;
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            _ = sigint.recv() => {
+                interrupted = true;
+                break;
+            }
+            _ = sigterm.recv() => {
+                interrupted = true;
+                break;
+            }
             _ = sighup.recv() => {
                 match reload_keyring(&ring, &keys.keyring, keys.emulate, &reload_tx) {
                     Ok(n) => info!("keyring {} reloaded: {n} keys", keys.keyring.display()),
@@ -602,8 +658,20 @@ async fn run(
             }
         }
     }
-    if let Some(w) = out.as_mut() {
-        w.flush().map_err(|e| format!("cannot write output: {e}"))?;
+    // Let the output thread write what it has (whole blocks), then stop.
+    if let Some(o) = out.take() {
+        drop(o.tx);
+        match tokio::time::timeout(Duration::from_secs(5), o.done).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Ok(Ok(Err(e))) => output_error = Some(e),
+            Ok(Err(_)) => output_error = Some(io::Error::other("the output thread stopped")),
+            Err(_) => {
+                output_error = Some(io::Error::other(
+                    "the output does not take data (stalled reader?)",
+                ))
+            }
+        }
     }
     if live {
         eprintln!();
@@ -611,25 +679,43 @@ async fn run(
     if let Some(p) = bound_control {
         let _ = std::fs::remove_file(p);
     }
+    if let Some(e) = output_error {
+        return Err(format!("cannot write output: {e}"));
+    }
     if is_read && limit.is_some_and(|l| written < l) {
-        while let Ok(f) = fail_rx.try_recv() {
-            failures.push(f);
+        while let Ok((source, reason)) = fail_rx.try_recv() {
+            failures.insert(source, reason);
         }
-        failures.dedup();
         // Nothing verified arrived: leave no empty file behind.
-        if written == 0 {
-            drop(out.take());
-            if let Some(p) = output.as_deref().filter(|p| p.as_os_str() != "-") {
-                let _ = std::fs::remove_file(p);
-            }
+        if written == 0
+            && let Some(p) = output.as_deref().filter(|p| p.as_os_str() != "-")
+        {
+            let _ = std::fs::remove_file(p);
         }
-        return Err(if failures.is_empty() {
+        if interrupted {
+            return Err(format!(
+                "interrupted after {written} of {} bytes",
+                limit.unwrap_or(0)
+            ));
+        }
+        let reasons: Vec<String> = failures.into_values().collect();
+        return Err(if reasons.is_empty() {
             "the keys stopped before delivering enough entropy".into()
         } else {
-            failures.join("; ")
+            reasons.join("; ")
         });
     }
     Ok(())
+}
+
+/// Room in the output queue (pending forever when there is no output).
+async fn reserve(
+    tx: Option<&mpsc::Sender<([u8; 32], usize)>>,
+) -> Result<mpsc::Permit<'_, ([u8; 32], usize)>, mpsc::error::SendError<()>> {
+    match tx {
+        Some(tx) => tx.reserve().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Re-reads the keyring; on success swaps it in and tells the keys.
@@ -723,20 +809,28 @@ impl Daemon {
 }
 
 async fn serve_control(listener: tokio::net::UnixListener, daemon: Daemon) {
+    let daemon = Arc::new(daemon);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors or similar: do not spin.
+                tracing::debug!("control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
-        let command =
-            match tokio::time::timeout(Duration::from_secs(2), control::read_command(&mut stream))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                _ => continue,
-            };
-        let answer = daemon.answer(&command).await;
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), stream.write_all(answer.as_bytes())).await;
+        // One task per client: a slow client never holds up the others.
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let read =
+                tokio::time::timeout(Duration::from_secs(2), control::read_command(&mut stream));
+            let Ok(Ok(command)) = read.await else { return };
+            let answer = daemon.answer(&command).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), stream.write_all(answer.as_bytes()))
+                    .await;
+        });
     }
 }
 
@@ -761,7 +855,9 @@ async fn keep_device(path: PathBuf, mut ctx: Ctx, status: SharedStatus) {
             },
             Err(e) => {
                 if ctx.is_read {
-                    let _ = ctx.fail_tx.send(format!("no key found: {e}"));
+                    let _ = ctx
+                        .fail_tx
+                        .send((path.display().to_string(), format!("no key found: {e}")));
                     return;
                 }
                 tracing::debug!("{e}");
@@ -827,7 +923,7 @@ async fn drive_connected(
             if let Some(why) = terminal_reason(*state)
                 && is_read
             {
-                let _ = fail_tx.send(format!("key {serial}: {why}"));
+                let _ = fail_tx.send((transport.clone(), format!("key {serial}: {why}")));
             }
         }
         Event::Fault(f) => tracing::debug!("key ({transport}): {f:?}"),
@@ -1136,10 +1232,19 @@ async fn rekey_command(args: RekeyArgs) -> Result<(), String> {
                     a.trim()
                 ));
             }
-            Err(_) => {} // no daemon running
+            // No daemon listening there: nothing holds the key.
+            Err(e) if e.contains("No such file") || e.contains("Connection refused") => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot ask the running daemon to let go of the key: {e}"
+                ));
+            }
         }
     }
-    let result = rekey_exchange(&args, master, nonce, ring.as_mut()).await;
+    let result = tokio::select! {
+        r = rekey_exchange(&args, master, nonce, ring.as_mut()) => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted; if an L command had reached the key, run the re-key again".into()),
+    };
     if let Some(t) = released
         && let Err(e) = control::request(&args.control, &format!("resume {t}")).await
     {

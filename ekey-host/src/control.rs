@@ -59,20 +59,25 @@ pub async fn read_command(stream: &mut UnixStream) -> io::Result<String> {
 
 /// Sends `command` to the daemon at `path` and returns its answer.
 pub async fn request(path: &Path, command: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(path).await.map_err(|e| {
-        format!(
-            "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
-            path.display()
-        )
-    })?;
-    s.write_all(format!("{command}\n").as_bytes())
+    let exchange = async {
+        let mut s = UnixStream::connect(path).await.map_err(|e| {
+            format!(
+                "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
+                path.display()
+            )
+        })?;
+        s.write_all(format!("{command}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(answer)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), exchange)
         .await
-        .map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(answer)
+        .map_err(|_| format!("the daemon at {} does not answer", path.display()))?
 }
 
 /// The control path to use: the option, or the default.

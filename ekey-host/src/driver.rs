@@ -185,49 +185,53 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     let mut rng = getrandom::SysRng;
     let mut session = Session::new(config, now());
     let mut buf = vec![0u8; 4096];
+    let (mut reload_alive, mut released_alive) = (true, true);
+    let mut unresponsive = false;
     loop {
+        // Released before or while we were opening, or once the serial
+        // became known: let go.
+        if signals.is_released(&status.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(Ended::Released);
+        }
+        if stop_when_unresponsive && unresponsive {
+            return Ok(Ended::Unresponsive);
+        }
         while let Some(t) = session.poll_transmit() {
-            link.write_all(&t).await?;
-            link.flush().await?;
+            // A wedged key must not wedge the driver.
+            tokio::time::timeout(WRITE_TIMEOUT, async {
+                link.write_all(&t).await?;
+                link.flush().await
+            })
+            .await
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "the key does not take commands")
+            })??;
         }
         let deadline = session
             .poll_timeout()
             .map(|t| base + Duration::from_millis(t.millis()));
         let n = tokio::select! {
             r = link.read(&mut buf) => r?,
-            changed = signals.reload.changed() => {
+            changed = signals.reload.changed(), if reload_alive => {
                 if changed.is_ok() {
                     // The keyring changed: start over so it is used.
                     session.reset(now());
                 } else {
                     // Nobody will ask for reloads any more.
-                    std::future::pending::<()>().await;
+                    reload_alive = false;
                 }
                 continue;
             }
-            changed = signals.released.changed() => {
-                if changed.is_err() {
-                    std::future::pending::<()>().await;
-                }
-                let st = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if signals.is_released(&st) {
-                    return Ok(Ended::Released);
-                }
+            changed = signals.released.changed(), if released_alive => {
+                released_alive = changed.is_ok();
                 continue;
             }
             _ = sleep_until_opt(deadline) => {
                 session.handle_timeout(now());
-                let unresponsive = session.counters().reset_timeouts > 0
-                    && session.state() == ekey_proto::host::State::Resetting;
-                let before = session.counters().reset_timeouts;
-                if !deliver(&mut session, status, blocks, on_event).await {
-                    return Ok(Ended::OutputClosed);
-                }
-                if stop_when_unresponsive
-                    && unresponsive
-                    && before >= u64::from(session.config().unresponsive_after)
-                {
-                    return Ok(Ended::Unresponsive);
+                match deliver(&mut session, status, blocks, on_event).await {
+                    Delivered::OutputClosed => return Ok(Ended::OutputClosed),
+                    Delivered::Unresponsive => unresponsive = true,
+                    Delivered::Ok => {}
                 }
                 continue;
             }
@@ -239,8 +243,10 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         while !input.is_empty() {
             let used = session.handle_input(now(), input, keyring, &mut rng);
             input = &input[used..];
-            if !deliver(&mut session, status, blocks, on_event).await {
-                return Ok(Ended::OutputClosed);
+            match deliver(&mut session, status, blocks, on_event).await {
+                Delivered::OutputClosed => return Ok(Ended::OutputClosed),
+                Delivered::Unresponsive => unresponsive = true,
+                Delivered::Ok => {}
             }
         }
         session.handle_timeout(now());
@@ -253,6 +259,16 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     }
 }
 
+/// Longest a command may take to reach the key.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What handing out events found.
+enum Delivered {
+    Ok,
+    OutputClosed,
+    Unresponsive,
+}
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -260,13 +276,14 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Hands the session's events out; false when the output is gone.
+/// Hands the session's events out.
 async fn deliver(
     session: &mut Session,
     status: &SharedStatus,
     blocks: &mpsc::Sender<Block>,
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
-) -> bool {
+) -> Delivered {
+    let mut result = Delivered::Ok;
     while let Some(ev) = session.poll_event() {
         let snapshot = {
             let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -280,14 +297,18 @@ async fn deliver(
             st.clone()
         };
         on_event(&snapshot, &ev);
-        if let Event::Entropy { data, .. } = ev {
-            let serial = session.serial().unwrap_or_default();
-            if blocks.send(Block { serial, data }).await.is_err() {
-                return false;
+        match ev {
+            Event::Entropy { data, .. } => {
+                let serial = session.serial().unwrap_or_default();
+                if blocks.send(Block { serial, data }).await.is_err() {
+                    return Delivered::OutputClosed;
+                }
+                let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                st.delivered += data.len() as u64;
             }
-            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-            st.delivered += data.len() as u64;
+            Event::Unresponsive { .. } => result = Delivered::Unresponsive,
+            _ => {}
         }
     }
-    true
+    result
 }

@@ -114,8 +114,12 @@ pub async fn open(info: &DeviceInfo) -> io::Result<(Link, nusb::Device)> {
     let ep_out = intf
         .endpoint::<Bulk, Out>(data.ep_out)
         .map_err(|e| io::Error::other(format!("endpoint {:#04x}: {e}", data.ep_out)))?;
-    // 4 KiB reads (a multiple of any bulk packet size), four in flight.
-    let reader = ep_in.reader(4096).with_num_transfers(4);
+    // One packet per transfer, eight in flight. A bulk IN transfer ends
+    // only when full or on a short packet; at full speed every 64-byte frame
+    // is a full packet, so a larger transfer could sit on an S! or K! until
+    // enough other frames arrive to fill it.
+    let mps = ep_in.max_packet_size().max(64);
+    let reader = ep_in.reader(mps).with_num_transfers(8);
     let writer = ep_out.writer(512);
     Ok((Box::new(tokio::io::join(reader, writer)), dev))
 }

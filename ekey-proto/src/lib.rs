@@ -22,6 +22,8 @@
 //! - [`keys`]: serial numbers and the secret keys, zeroized on drop;
 //! - [`host`]: the host's [`host::Session`], bytes in, events out;
 //! - [`rekey`]: long-term re-keying with the master key;
+//! - [`rng`]: [`rng::EntropyKeyRng`], a blocking `rand_core` RNG over an
+//!   `embedded-io` transport to one key;
 //! - [`device`]: the key's own side, a software Entropy Key.
 //!
 //! Nothing here reads a clock, allocates or panics on input: time comes in
@@ -35,6 +37,7 @@ pub mod host;
 pub mod keys;
 pub mod pem;
 pub mod rekey;
+pub mod rng;
 pub mod skein;
 pub mod time;
 pub mod wire;
