@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::control;
 use crate::driver::{self, Block, Ended, KeyStatus, SharedStatus};
+use crate::egd;
 use crate::keyring::{self, Keyring};
 use crate::soft::{self, DEMO_SERIAL, SoftKey, demo_long_term_key};
 use crate::status;
@@ -60,15 +61,8 @@ enum Command {
     Run {
         #[command(flatten)]
         keys: KeySources,
-        /// Write verified entropy to this file, or `-` for stdout.
-        #[arg(long, short, value_name = "FILE|-")]
-        output: Option<PathBuf>,
-        /// Stop after this many bytes.
-        #[arg(long, value_name = "BYTES")]
-        limit: Option<u64>,
-        /// The control socket `ekey-host status` asks (mode 0600).
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        #[command(flatten)]
+        outputs: Outputs,
     },
     /// List the Entropy Keys on USB, and whether the keyring has their keys.
     List {
@@ -112,6 +106,41 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = keyring::DEFAULT_PATH, global = true)]
         keyring: PathBuf,
     },
+}
+
+/// Where `run` sends verified entropy. Every block goes to exactly one
+/// output (never the same bytes to two consumers).
+#[derive(Args, Clone, Default)]
+struct Outputs {
+    /// Write verified entropy to this file, or `-` for stdout.
+    #[arg(long, short, value_name = "FILE|-")]
+    output: Option<PathBuf>,
+    /// Stop after this many bytes (written to --output).
+    #[arg(long, value_name = "BYTES")]
+    limit: Option<u64>,
+    /// The control socket `ekey-host status` asks (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Serve EGD clients (QEMU's rng-egd, ...) on this TCP address;
+    /// `PORT` alone binds 127.0.0.1.
+    #[arg(long, value_name = "ADDR:PORT")]
+    egd_tcp: Option<String>,
+    /// Serve EGD clients on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    egd_unix: Option<PathBuf>,
+    /// Mode of the EGD Unix socket, octal.
+    #[arg(long, value_name = "OCTAL", default_value = "600")]
+    egd_mode: String,
+    /// Group (numeric id) of the EGD Unix socket.
+    #[arg(long, value_name = "GID")]
+    egd_group: Option<u32>,
+    /// Most bytes per second each EGD client gets (so one guest cannot
+    /// drain the host); unlimited by default.
+    #[arg(long, value_name = "BYTES/S")]
+    egd_rate: Option<u32>,
+    /// Most EGD clients at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    egd_max_clients: usize,
 }
 
 #[derive(Subcommand)]
@@ -228,12 +257,7 @@ pub fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run {
-                keys,
-                output,
-                limit,
-                control,
-            } => run(keys, output, limit, None, control).await,
+            Command::Run { keys, outputs } => run(keys, outputs, None).await,
             Command::Status { json, control } => status_command(json, &control).await,
             Command::List { keyring } => list_command(&keyring).await,
             Command::Read {
@@ -242,15 +266,12 @@ pub fn main() -> ExitCode {
                 keys,
                 timeout,
             } => {
-                let out = output.or_else(|| Some(PathBuf::from("-")));
-                run(
-                    keys,
-                    out,
-                    Some(count),
-                    Some(Duration::from_secs(timeout)),
-                    None,
-                )
-                .await
+                let outputs = Outputs {
+                    output: output.or_else(|| Some(PathBuf::from("-"))),
+                    limit: Some(count),
+                    ..Outputs::default()
+                };
+                run(keys, outputs, Some(Duration::from_secs(timeout))).await
             }
             Command::Emulate(args) => emulate(args).await,
             Command::Rekey(args) => rekey_command(args).await,
@@ -469,12 +490,17 @@ struct Ctx {
 /// limit (if any) or a signal.
 async fn run(
     keys: KeySources,
-    output: Option<PathBuf>,
-    limit: Option<u64>,
+    outputs: Outputs,
     read_timeout: Option<Duration>,
-    control: Option<PathBuf>,
 ) -> Result<(), String> {
+    let Outputs {
+        output,
+        limit,
+        control,
+        ..
+    } = outputs.clone();
     let is_read = read_timeout.is_some();
+    let (egd_tx, egd_stats, egd_unix_path) = start_egd(&outputs).await?;
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(&keys)?));
     let mut out = open_output(output.as_deref())?;
     let (tx, mut rx) = mpsc::channel::<Block>(64);
@@ -577,6 +603,7 @@ async fn run(
                 emulate: keys.emulate,
                 reload_tx: reload_tx.clone(),
                 released_tx,
+                egd: egd_stats.clone(),
             };
             tokio::spawn(serve_control(listener, daemon));
         }
@@ -608,10 +635,16 @@ async fn run(
             // keys through the bounded channels, nothing is dropped.
             b = rx.recv(), if pending.is_none() => {
                 let Some(block) = b else { break };
-                if writer.is_some() {
+                if writer.is_some() || egd_tx.is_some() {
                     pending = Some(block);
                 } else {
                     written += limit.map_or(32, |l| (l - written).min(32));
+                }
+            }
+            permit = reserve_block(egd_tx.as_ref()), if pending.is_some() => {
+                let Ok(permit) = permit else { break };
+                if let Some(block) = pending.take() {
+                    permit.send(block.data);
                 }
             }
             permit = reserve(writer.as_ref()), if pending.is_some() => {
@@ -679,6 +712,9 @@ async fn run(
     if let Some(p) = bound_control {
         let _ = std::fs::remove_file(p);
     }
+    if let Some(p) = egd_unix_path {
+        let _ = std::fs::remove_file(p);
+    }
     if let Some(e) = output_error {
         return Err(format!("cannot write output: {e}"));
     }
@@ -706,6 +742,72 @@ async fn run(
         });
     }
     Ok(())
+}
+
+/// Starts the EGD server if asked for: its block queue, its statistics and
+/// the Unix socket to remove at the end.
+async fn start_egd(
+    o: &Outputs,
+) -> Result<
+    (
+        Option<mpsc::Sender<[u8; 32]>>,
+        Option<Arc<Mutex<egd::EgdStats>>>,
+        Option<PathBuf>,
+    ),
+    String,
+> {
+    let mut listeners = Vec::new();
+    if let Some(addr) = &o.egd_tcp {
+        let l = egd::bind_tcp(addr)
+            .await
+            .map_err(|e| format!("--egd-tcp {addr}: {e}"))?;
+        if let Ok(a) = l.local_addr() {
+            info!("EGD server on tcp {a}");
+        }
+        listeners.push(egd::EgdListener::Tcp(l));
+    }
+    if let Some(path) = &o.egd_unix {
+        let mode = u32::from_str_radix(o.egd_mode.trim(), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                format!(
+                    "--egd-mode {}: an octal mode such as 600 or 660",
+                    o.egd_mode
+                )
+            })?;
+        let l = egd::bind_unix(path, mode, o.egd_group)
+            .map_err(|e| format!("--egd-unix {}: {e}", path.display()))?;
+        info!("EGD server on unix {} (mode {mode:o})", path.display());
+        listeners.push(egd::EgdListener::Unix(l));
+    }
+    if listeners.is_empty() {
+        return Ok((None, None, None));
+    }
+    let config = egd::EgdConfig {
+        max_clients: o.egd_max_clients,
+        rate_limit: o.egd_rate,
+        ..egd::EgdConfig::default()
+    };
+    let stats = Arc::new(Mutex::new(egd::EgdStats::default()));
+    let (tx, rx) = mpsc::channel::<[u8; 32]>(8);
+    let st = stats.clone();
+    tokio::spawn(async move {
+        if let Err(e) = egd::serve(listeners, config, rx, st).await {
+            warn!("EGD server stopped: {e}");
+        }
+    });
+    Ok((Some(tx), Some(stats), o.egd_unix.clone()))
+}
+
+/// Room in a block queue (pending forever when there is none).
+async fn reserve_block(
+    tx: Option<&mpsc::Sender<[u8; 32]>>,
+) -> Result<mpsc::Permit<'_, [u8; 32]>, mpsc::error::SendError<()>> {
+    match tx {
+        Some(tx) => tx.reserve().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Room in the output queue (pending forever when there is no output).
@@ -744,6 +846,7 @@ struct Daemon {
     emulate: bool,
     reload_tx: tokio::sync::watch::Sender<u64>,
     released_tx: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
+    egd: Option<Arc<Mutex<egd::EgdStats>>>,
 }
 
 impl Daemon {
@@ -770,7 +873,11 @@ impl Daemon {
         match (verb, arg) {
             ("status", "") => {
                 let snapshot = snapshot(&self.statuses);
-                let doc = status::status_json(&snapshot, std::time::Instant::now(), self.started);
+                let mut doc =
+                    status::status_json(&snapshot, std::time::Instant::now(), self.started);
+                if let Some(e) = &self.egd {
+                    doc["egd"] = e.lock().unwrap_or_else(|p| p.into_inner()).to_json();
+                }
                 format!("{doc}\n")
             }
             ("reload", "") => match self.reload() {

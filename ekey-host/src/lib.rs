@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod control;
 pub mod driver;
+pub mod egd;
 pub mod keyring;
 pub mod soft;
 pub mod status;

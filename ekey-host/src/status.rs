@@ -170,5 +170,28 @@ pub fn render(doc: &Value) -> String {
             duration(k["uptime_seconds"].as_f64().unwrap_or(0.0))
         );
     }
+    if let Some(e) = doc["egd"].as_object() {
+        let clients = e["clients"].as_array().cloned().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "\nEGD server: {} client{} now, {} served, {} clients in all ({} turned away, {} closed for protocol errors)",
+            clients.len(),
+            if clients.len() == 1 { "" } else { "s" },
+            human_bytes(e["total_served"].as_u64().unwrap_or(0)),
+            e["total_clients"],
+            e["rejected_clients"],
+            e["closed_for_protocol_errors"]
+        );
+        for c in &clients {
+            let _ = writeln!(
+                out,
+                "  {}  {} served, {} requests pending, connected {}",
+                c["peer"].as_str().unwrap_or("?"),
+                human_bytes(c["bytes_served"].as_u64().unwrap_or(0)),
+                c["requests_pending"],
+                duration(c["connected_seconds"].as_f64().unwrap_or(0.0))
+            );
+        }
+    }
     out
 }
