@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::control;
 use crate::driver::{self, Block, Ended, KeyStatus, SharedStatus};
 use crate::egd;
+use crate::kernel;
 use crate::keyring::{self, Keyring};
 use crate::soft::{self, DEMO_SERIAL, SoftKey, demo_long_term_key};
 use crate::status;
@@ -141,6 +142,14 @@ struct Outputs {
     /// Most EGD clients at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     egd_max_clients: usize,
+    /// Feed the kernel's pool (RNDADDENTROPY on /dev/random, needs
+    /// CAP_SYS_ADMIN), crediting this many bits per byte (1..8).
+    #[arg(long, value_name = "BITS_PER_BYTE", num_args = 0..=1, default_missing_value = "7")]
+    kernel: Option<u8>,
+    /// Once the kernel's generator is ready: mix in 64 bytes this often
+    /// (seconds). Before that, the key's full rate goes to the kernel.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    kernel_interval: u64,
 }
 
 #[derive(Subcommand)]
@@ -333,17 +342,37 @@ fn terminal_reason(state: State) -> Option<String> {
     }
 }
 
-/// Where verified entropy goes: a file or stdout, written by a thread of
-/// its own so that a stalled reader (a full pipe) never stalls the daemon.
+/// Where verified entropy goes: a file or stdout. A regular file is written
+/// from the runtime (page-cache writes do not stall); a pipe, FIFO or
+/// terminal gets a thread of its own, so that a stalled reader never stalls
+/// the daemon.
 struct Output {
     tx: mpsc::Sender<([u8; 32], usize)>,
     done: tokio::sync::oneshot::Receiver<io::Result<()>>,
 }
 
+/// Writes one batch: the block given and every block already queued; then
+/// flushes. Whole blocks only.
+fn write_batch(
+    w: &mut dyn Write,
+    first: ([u8; 32], usize),
+    rx: &mut mpsc::Receiver<([u8; 32], usize)>,
+) -> io::Result<()> {
+    let (block, take) = first;
+    w.write_all(&block[..take])?;
+    while let Ok((b, t)) = rx.try_recv() {
+        w.write_all(&b[..t])?;
+    }
+    w.flush()
+}
+
 fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
-    let mut w: Box<dyn Write + Send> = match output {
+    let (mut w, regular): (Box<dyn Write + Send>, bool) = match output {
         None => return Ok(None),
-        Some(p) if p.as_os_str() == "-" => Box::new(io::BufWriter::new(io::stdout())),
+        Some(p) if p.as_os_str() == "-" => {
+            let regular = std::fs::metadata("/dev/stdout").is_ok_and(|m| m.is_file());
+            (Box::new(io::BufWriter::new(io::stdout())), regular)
+        }
         Some(p) => {
             use std::os::unix::fs::OpenOptionsExt;
             // Entropy is secret material: not readable by others.
@@ -354,35 +383,38 @@ fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
                 .mode(0o600)
                 .open(p)
                 .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
-            Box::new(io::BufWriter::with_capacity(64 * 32, f))
+            let regular = f.metadata().is_ok_and(|m| m.is_file());
+            (Box::new(io::BufWriter::with_capacity(64 * 32, f)), regular)
         }
     };
     let (tx, mut rx) = mpsc::channel::<([u8; 32], usize)>(64);
     let (done_tx, done) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("ekey-output".into())
-        .spawn(move || {
+    if regular {
+        tokio::spawn(async move {
             let mut result = Ok(());
-            // Whole blocks, written in batches, flushed when the queue is
-            // empty; everything queued is written before the thread ends.
-            while let Some((block, take)) = rx.blocking_recv() {
-                result = w.write_all(&block[..take]);
-                while result.is_ok() {
-                    match rx.try_recv() {
-                        Ok((b, t)) => result = w.write_all(&b[..t]),
-                        Err(_) => break,
-                    }
-                }
-                if result.is_ok() {
-                    result = w.flush();
-                }
+            while let Some(first) = rx.recv().await {
+                result = write_batch(&mut w, first, &mut rx);
                 if result.is_err() {
                     break;
                 }
             }
             let _ = done_tx.send(result.and_then(|()| w.flush()));
-        })
-        .map_err(|e| format!("cannot start the output thread: {e}"))?;
+        });
+    } else {
+        std::thread::Builder::new()
+            .name("ekey-output".into())
+            .spawn(move || {
+                let mut result = Ok(());
+                while let Some(first) = rx.blocking_recv() {
+                    result = write_batch(&mut w, first, &mut rx);
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                let _ = done_tx.send(result.and_then(|()| w.flush()));
+            })
+            .map_err(|e| format!("cannot start the output thread: {e}"))?;
+    }
     Ok(Some(Output { tx, done }))
 }
 
@@ -501,6 +533,14 @@ async fn run(
     } = outputs.clone();
     let is_read = read_timeout.is_some();
     let (egd_tx, egd_stats, egd_unix_path) = start_egd(&outputs).await?;
+    if outputs.kernel.is_some() && keys.emulate {
+        return Err(
+            "--kernel with --emulate would credit the kernel with bytes from its own \
+                    generator (the built-in software key's noise): refused"
+                .into(),
+        );
+    }
+    let (kernel_tx, kernel_stats) = start_kernel(&outputs)?;
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(&keys)?));
     let mut out = open_output(output.as_deref())?;
     let (tx, mut rx) = mpsc::channel::<Block>(64);
@@ -604,6 +644,7 @@ async fn run(
                 reload_tx: reload_tx.clone(),
                 released_tx,
                 egd: egd_stats.clone(),
+                kernel: kernel_stats.clone(),
             };
             tokio::spawn(serve_control(listener, daemon));
         }
@@ -635,10 +676,18 @@ async fn run(
             // keys through the bounded channels, nothing is dropped.
             b = rx.recv(), if pending.is_none() => {
                 let Some(block) = b else { break };
-                if writer.is_some() || egd_tx.is_some() {
+                if writer.is_some() || egd_tx.is_some() || kernel_tx.is_some() {
                     pending = Some(block);
                 } else {
                     written += limit.map_or(32, |l| (l - written).min(32));
+                }
+            }
+            permit = reserve_block(kernel_tx.as_ref()), if pending.is_some() => {
+                let Ok(permit) = permit else {
+                    return Err("the kernel output stopped (see the log)".into());
+                };
+                if let Some(block) = pending.take() {
+                    permit.send(block.data);
                 }
             }
             permit = reserve_block(egd_tx.as_ref()), if pending.is_some() => {
@@ -800,6 +849,37 @@ async fn start_egd(
     Ok((Some(tx), Some(stats), o.egd_unix.clone()))
 }
 
+/// Starts the kernel output if asked for: its block queue and statistics.
+#[allow(clippy::type_complexity)]
+fn start_kernel(
+    o: &Outputs,
+) -> Result<
+    (
+        Option<mpsc::Sender<[u8; 32]>>,
+        Option<Arc<Mutex<kernel::KernelStats>>>,
+    ),
+    String,
+> {
+    let Some(bits) = o.kernel else {
+        return Ok((None, None));
+    };
+    let config = kernel::KernelConfig::new(bits)?
+        .with_pace(64, Duration::from_secs(o.kernel_interval))
+        .map_err(|e| format!("--kernel-interval: {e}"))?;
+    // Fail now, with a clear message, rather than later in a task.
+    let sink = kernel::RandomDevice::open().map_err(|e| format!("--kernel: {e}"))?;
+    let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));
+    let (tx, rx) = mpsc::channel::<[u8; 32]>(8);
+    let st = stats.clone();
+    info!("feeding the kernel, crediting {bits} bits per byte");
+    tokio::spawn(async move {
+        if let Err(e) = kernel::run_with(config, rx, st, sink).await {
+            warn!("kernel output stopped: {e}");
+        }
+    });
+    Ok((Some(tx), Some(stats)))
+}
+
 /// Room in a block queue (pending forever when there is none).
 async fn reserve_block(
     tx: Option<&mpsc::Sender<[u8; 32]>>,
@@ -847,6 +927,7 @@ struct Daemon {
     reload_tx: tokio::sync::watch::Sender<u64>,
     released_tx: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
     egd: Option<Arc<Mutex<egd::EgdStats>>>,
+    kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
 }
 
 impl Daemon {
@@ -877,6 +958,15 @@ impl Daemon {
                     status::status_json(&snapshot, std::time::Instant::now(), self.started);
                 if let Some(e) = &self.egd {
                     doc["egd"] = e.lock().unwrap_or_else(|p| p.into_inner()).to_json();
+                }
+                if let Some(k) = &self.kernel {
+                    let k = k.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    doc["kernel"] = serde_json::json!({
+                        "mode": k.mode.to_string(),
+                        "bytes_written": k.bytes_written,
+                        "bits_credited": k.bits_credited,
+                        "ioctl_failures": k.ioctl_failures,
+                    });
                 }
                 format!("{doc}\n")
             }

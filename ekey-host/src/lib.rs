@@ -7,6 +7,7 @@ pub mod cli;
 pub mod control;
 pub mod driver;
 pub mod egd;
+pub mod kernel;
 pub mod keyring;
 pub mod soft;
 pub mod status;

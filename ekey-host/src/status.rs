@@ -170,6 +170,16 @@ pub fn render(doc: &Value) -> String {
             duration(k["uptime_seconds"].as_f64().unwrap_or(0.0))
         );
     }
+    if let Some(k) = doc["kernel"].as_object() {
+        let _ = writeln!(
+            out,
+            "\nkernel: {}; {} written, {} bits credited, {} ioctl failures",
+            k["mode"].as_str().unwrap_or("?"),
+            human_bytes(k["bytes_written"].as_u64().unwrap_or(0)),
+            k["bits_credited"],
+            k["ioctl_failures"]
+        );
+    }
     if let Some(e) = doc["egd"].as_object() {
         let clients = e["clients"].as_array().cloned().unwrap_or_default();
         let _ = writeln!(
