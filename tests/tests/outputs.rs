@@ -1,0 +1,151 @@
+//! The daemon's outputs for a KVM host: EGD clients (as QEMU's rng-egd
+//! talks) and the kernel pool.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::{DEMO_KEYRING, Daemon, Emulator, Scratch, wait_for};
+
+fn port() -> u16 {
+    // A port of our own on loopback, different per test process.
+    20000 + (std::process::id() % 20000) as u16
+}
+
+/// Splits `got` into pieces, each found in `record`; pieces shorter than 8
+/// bytes would be coincidence-prone, so none may be.
+fn traceable(got: &[u8], record: &[u8]) -> bool {
+    let mut rest = got;
+    while !rest.is_empty() {
+        let mut best = 0;
+        for len in (8..=rest.len().min(255)).rev() {
+            if record.windows(len).any(|w| w == &rest[..len]) {
+                best = len;
+                break;
+            }
+        }
+        if best == 0 {
+            return false;
+        }
+        rest = &rest[best..];
+    }
+    true
+}
+
+#[test]
+fn qemu_style_egd_clients_get_exactly_what_they_ask_for_from_the_key() {
+    let dir = Scratch::new("egd");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let record = dir.path("record.bin");
+    let emu = Emulator::start(&[
+        "--unix",
+        dir.path("key.sock").to_str().unwrap(),
+        "--record",
+        record.to_str().unwrap(),
+        "--rate",
+        "40000",
+    ]);
+    let addr = format!("127.0.0.1:{}", port());
+    let daemon = Daemon::start(
+        &dir,
+        &[
+            "--device",
+            emu.path.to_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+            "--egd-tcp",
+            &addr,
+        ],
+    );
+    assert!(wait_for(10, || daemon.status()["keys"][0]["running"] == true));
+    // Eight QEMU-style clients: 0x02 64, four requests in flight each.
+    let mut clients: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(&[2, 64, 2, 64, 2, 64, 2, 64]).unwrap();
+    }
+    let mut got = Vec::new();
+    for c in &mut clients {
+        let mut buf = vec![0u8; 256];
+        c.read_exact(&mut buf).unwrap();
+        got.push(buf);
+    }
+    // Status counts the clients and the bytes.
+    let s = daemon.status();
+    assert_eq!(s["egd"]["total_clients"], 8);
+    assert!(s["egd"]["total_served"].as_u64().unwrap() >= 8 * 256);
+    drop(clients);
+    emu.stop();
+    let record = std::fs::read(&record).unwrap();
+    let mut all = Vec::new();
+    for g in &got {
+        assert!(
+            traceable(g, &record),
+            "a client got bytes the key never sent"
+        );
+        all.extend_from_slice(g);
+    }
+    // No 32-byte window was served twice.
+    let mut seen = std::collections::HashSet::new();
+    for w in all.chunks(16) {
+        assert!(seen.insert(w.to_vec()), "bytes served twice");
+    }
+}
+
+#[test]
+fn kernel_output_credits_the_configured_bits() {
+    if !nix_is_root() {
+        eprintln!("skipped: feeding the kernel needs root");
+        return;
+    }
+    let dir = Scratch::new("kernel");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let emu = Emulator::start(&[
+        "--unix",
+        dir.path("key.sock").to_str().unwrap(),
+        "--rate",
+        "40000",
+    ]);
+    let daemon = Daemon::start(
+        &dir,
+        &[
+            "--device",
+            emu.path.to_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+            "--kernel=6",
+            "--kernel-interval",
+            "1",
+        ],
+    );
+    let ok = wait_for(15, || {
+        let k = &daemon.status()["kernel"];
+        k["bytes_written"].as_u64().unwrap_or(0) >= 128
+    });
+    let s = daemon.status();
+    let k = &s["kernel"];
+    if !ok
+        && std::fs::read_to_string(dir.path("daemon.log"))
+            .unwrap_or_default()
+            .contains("CAP_SYS_ADMIN")
+    {
+        eprintln!("skipped: root without CAP_SYS_ADMIN here");
+        return;
+    }
+    assert!(ok, "kernel counters did not move: {s}");
+    assert_eq!(k["ioctl_failures"], 0);
+    // 6 bits for every byte written, no more.
+    assert_eq!(
+        k["bits_credited"].as_u64().unwrap(),
+        6 * k["bytes_written"].as_u64().unwrap()
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
