@@ -13,9 +13,9 @@
 //!
 //! * [`Mode::Filling`] while the CRNG is not initialised (`getrandom` with
 //!   `GRND_NONBLOCK` fails with EAGAIN): feed as fast as the key allows, in
-//!   ioctls of up to [`KernelConfig::chunk`] bytes, re-checking after every
+//!   ioctls of up to the configured `chunk` bytes, re-checking after every
 //!   write. This is what shortens boot-time stalls.
-//! * [`Mode::Topping`] once it is: mix in [`KernelConfig::bytes_per_interval`]
+//! * [`Mode::Topping`] once it is: mix in the configured `bytes_per_interval`
 //!   fresh bytes every [`KernelConfig::interval`] (default 64 bytes every
 //!   10 s). In between no bytes are taken from the source (backpressure).
 //!
@@ -293,8 +293,8 @@ impl KernelFeeder {
         &self.stats
     }
 
-    /// How many bytes the feeder wants at `now`: [`KernelConfig::chunk`]
-    /// while filling, [`KernelConfig::bytes_per_interval`] when the next mix
+    /// How many bytes the feeder wants at `now`: the configured `chunk`
+    /// while filling, the configured `bytes_per_interval` when the next mix
     /// is due while topping, else 0.
     pub fn wants(&self, now: Instant) -> usize {
         match self.stats.mode {
