@@ -253,7 +253,8 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         // The line is drained: let frames gather instead of waking for
         // each one (a key sends ~100 a second). Commands still go out at
         // once, and no timeout of the session is anywhere near this short.
-        if n < buf.len() && !coalesce.is_zero() && !session.has_transmit() {
+        // A fast source (a large read) is read again at once.
+        if n < crate::transport::FAST_READ && !coalesce.is_zero() && !session.has_transmit() {
             tokio::time::sleep(coalesce).await;
         }
     }

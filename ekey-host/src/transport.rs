@@ -55,6 +55,15 @@ pub fn set_raw<F: AsFd>(fd: F) -> io::Result<()> {
 /// How often a [`Polled`] link looks for input when none was there.
 pub const READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How often a [`Polled`] link looks again while input comes in faster
+/// than a real key sends (a large read last time): a fast source is not
+/// held back to a hundred milliseconds per batch.
+pub const FAST_READ_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// A read at least this large means the source is fast (a real key fills
+/// about 600 bytes in [`READ_INTERVAL`]).
+pub const FAST_READ: usize = 1024;
+
 /// A non-blocking file descriptor (tty, pty master, Unix socket) that is
 /// read in batches: when nothing is there, it looks again after
 /// [`READ_INTERVAL`] instead of asking to be woken for every byte. A key
@@ -65,6 +74,8 @@ pub struct Polled<F: std::os::fd::AsRawFd> {
     fd: AsyncFd<F>,
     retry: Pin<Box<tokio::time::Sleep>>,
     armed: bool,
+    /// The last read was large: look again soon.
+    fast: bool,
     /// For a pty master: the slave, held open so the master does not read
     /// EIO between clients.
     _slave: Option<std::os::fd::OwnedFd>,
@@ -106,6 +117,7 @@ impl<F: std::os::fd::AsRawFd> Polled<F> {
             fd,
             retry: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
             armed: false,
+            fast: false,
             _slave: None,
         })
     }
@@ -139,6 +151,7 @@ where
             match this.fd.get_ref().read(unfilled) {
                 Ok(n) => {
                     this.armed = false;
+                    this.fast = n >= FAST_READ;
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -148,7 +161,13 @@ where
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !this.armed {
                         this.armed = true;
-                        let at = tokio::time::Instant::now() + READ_INTERVAL;
+                        let wait = if this.fast {
+                            FAST_READ_INTERVAL
+                        } else {
+                            READ_INTERVAL
+                        };
+                        this.fast = false;
+                        let at = tokio::time::Instant::now() + wait;
                         this.retry.as_mut().reset(at);
                     }
                     ready!(this.retry.as_mut().poll(cx));
