@@ -187,6 +187,7 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     let mut buf = vec![0u8; 4096];
     let (mut reload_alive, mut released_alive) = (true, true);
     let mut unresponsive = false;
+    let mut fast_until: Option<tokio::time::Instant> = None;
     loop {
         // Released before or while we were opening, or once the serial
         // became known: let go.
@@ -253,8 +254,12 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         // The line is drained: let frames gather instead of waking for
         // each one (a key sends ~100 a second). Commands still go out at
         // once, and no timeout of the session is anywhere near this short.
-        // A fast source (a large read) is read again at once.
-        if n < crate::transport::FAST_READ && !coalesce.is_zero() && !session.has_transmit() {
+        // A fast source (a large read lately) is read again at once.
+        if n >= crate::transport::FAST_READ {
+            fast_until = Some(tokio::time::Instant::now() + crate::transport::FAST_WINDOW);
+        }
+        let fast = fast_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        if !fast && !coalesce.is_zero() && !session.has_transmit() {
             tokio::time::sleep(coalesce).await;
         }
     }

@@ -64,6 +64,9 @@ pub const FAST_READ_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 /// about 600 bytes in [`READ_INTERVAL`]).
 pub const FAST_READ: usize = 1024;
 
+/// How long a source counts as fast after a large read.
+pub const FAST_WINDOW: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// A non-blocking file descriptor (tty, pty master, Unix socket) that is
 /// read in batches: when nothing is there, it looks again after
 /// [`READ_INTERVAL`] instead of asking to be woken for every byte. A key
@@ -74,8 +77,9 @@ pub struct Polled<F: std::os::fd::AsRawFd> {
     fd: AsyncFd<F>,
     retry: Pin<Box<tokio::time::Sleep>>,
     armed: bool,
-    /// The last read was large: look again soon.
-    fast: bool,
+    /// Until then the source counts as fast (a large read came lately):
+    /// look again soon.
+    fast_until: Option<tokio::time::Instant>,
     /// For a pty master: the slave, held open so the master does not read
     /// EIO between clients.
     _slave: Option<std::os::fd::OwnedFd>,
@@ -117,7 +121,7 @@ impl<F: std::os::fd::AsRawFd> Polled<F> {
             fd,
             retry: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
             armed: false,
-            fast: false,
+            fast_until: None,
             _slave: None,
         })
     }
@@ -151,7 +155,9 @@ where
             match this.fd.get_ref().read(unfilled) {
                 Ok(n) => {
                     this.armed = false;
-                    this.fast = n >= FAST_READ;
+                    if n >= FAST_READ {
+                        this.fast_until = Some(tokio::time::Instant::now() + FAST_WINDOW);
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -161,13 +167,14 @@ where
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !this.armed {
                         this.armed = true;
-                        let wait = if this.fast {
+                        let now = tokio::time::Instant::now();
+                        let fast = this.fast_until.is_some_and(|t| now < t);
+                        let wait = if fast {
                             FAST_READ_INTERVAL
                         } else {
                             READ_INTERVAL
                         };
-                        this.fast = false;
-                        let at = tokio::time::Instant::now() + wait;
+                        let at = now + wait;
                         this.retry.as_mut().reset(at);
                     }
                     ready!(this.retry.as_mut().poll(cx));
