@@ -13,59 +13,20 @@
 //! emulator's own CPU time is reported separately, for information.
 //! Linux only (/proc).
 
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ekey-host");
-const KEYRING: &str = "RW11bGF0ZWRLZXkx Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n";
+use common::{BIN, Guard, KEYRING, env_or, thousands, wait_for_path_line, wait_until_running};
 
 const TARGET_CPU_PERCENT: f64 = 0.25;
 const VENDOR_CPU_PERCENT: f64 = 0.52;
 const TARGET_RSS_MIB: f64 = 3.0;
 const VENDOR_RSS_MIB: f64 = 2.6;
-
-/// A child process that is killed and reaped when dropped, so that a
-/// panic anywhere in the bench leaves no stray emulator or daemon.
-struct Guard {
-    name: &'static str,
-    child: Child,
-}
-
-impl Guard {
-    fn spawn(name: &'static str, cmd: &mut Command) -> Guard {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({BIN}): {e}"));
-        Guard { name, child }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Panics if the process has already exited.
-    fn assert_alive(&mut self, log: &Path) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited early ({status}); its log:\n{}",
-                self.name,
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// CPU time of a whole process (all threads), in clock ticks, from
 /// /proc/PID/stat: utime + stime (fields 14 and 15).
@@ -150,75 +111,8 @@ fn clock_ticks_per_second() -> (u64, &'static str) {
         })
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid number")),
-        Err(_) => default,
-    }
-}
-
-/// Reads the emulator's first stdout line (the socket path it listens on),
-/// with a timeout. The rest of its stdout is drained so it never blocks.
-fn wait_for_path_line(stdout: ChildStdout, timeout: Duration) -> String {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
-        let _ = reader.read_to_end(&mut Vec::new());
-    });
-    rx.recv_timeout(timeout)
-        .expect("the emulator did not print its socket path")
-}
-
-/// Asks `ekey-host status --json` until the first key says it is running.
-fn wait_until_running(control: &Path, daemon: &mut Guard, log: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        daemon.assert_alive(log);
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--control"])
-            .arg(control)
-            .stderr(Stdio::null())
-            .output()
-            .expect("cannot run ekey-host status");
-        let running = out.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|json| {
-                json["keys"]
-                    .as_array()
-                    .is_some_and(|keys| keys.iter().any(|k| k["running"] == true))
-            });
-        if running {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the key did not reach `running` within {timeout:?}; daemon log:\n{}",
-            fs::read_to_string(log).unwrap_or_default()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-/// 238123 -> "238,123".
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn main() {

@@ -14,17 +14,20 @@
 //! separate process) and a fresh `ekey-host run --egd-tcp 127.0.0.1:PORT`;
 //! the clients are std threads with blocking TCP sockets. Linux/Unix only.
 
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Barrier, mpsc};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ekey-host");
-const KEYRING: &str = "RW11bGF0ZWRLZXkx Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n";
+use common::{
+    BIN, Guard, KEYRING, env_or, status_json, thousands, wait_for_path_line, wait_until_running,
+};
 
 /// Throughput test: default clients, and bytes per `0x02 n` request.
 const TP_CLIENTS: usize = 64;
@@ -42,40 +45,6 @@ const VENDOR_LAST_S: f64 = 7.49;
 
 /// A client read that takes longer than this means the daemon is stuck.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A child process that is killed and reaped when dropped, so that a
-/// panic anywhere in the bench leaves no stray emulator or daemon.
-struct Guard {
-    name: &'static str,
-    child: Child,
-}
-
-impl Guard {
-    fn spawn(name: &'static str, cmd: &mut Command) -> Guard {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({BIN}): {e}"));
-        Guard { name, child }
-    }
-
-    /// Panics if the process has already exited.
-    fn assert_alive(&mut self, log: &Path) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited early ({status}); its log:\n{}",
-                self.name,
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A software key and a daemon serving EGD on 127.0.0.1. Fields drop in
 /// declaration order: the daemon, then the emulator, then the temp dir.
@@ -181,80 +150,6 @@ impl Rig {
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid number")),
-        Err(_) => default,
-    }
-}
-
-/// Reads the emulator's first stdout line (the socket path it listens on),
-/// with a timeout. The rest of its stdout is drained so it never blocks.
-fn wait_for_path_line(stdout: ChildStdout, timeout: Duration) -> String {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
-        let _ = reader.read_to_end(&mut Vec::new());
-    });
-    rx.recv_timeout(timeout)
-        .expect("the emulator did not print its socket path")
-}
-
-/// `ekey-host status --json`, parsed; None if it fails.
-fn status_json(control: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--control"])
-        .arg(control)
-        .stderr(Stdio::null())
-        .output()
-        .expect("cannot run ekey-host status");
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// Asks `ekey-host status --json` until the first key says it is running.
-fn wait_until_running(control: &Path, daemon: &mut Guard, log: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        daemon.assert_alive(log);
-        let running = status_json(control).is_some_and(|json| {
-            json["keys"]
-                .as_array()
-                .is_some_and(|keys| keys.iter().any(|k| k["running"] == true))
-        });
-        if running {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the key did not reach `running` within {timeout:?}; daemon log:\n{}",
-            fs::read_to_string(log).unwrap_or_default()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// 238123 -> "238,123".
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The `q` quantile (0..=1) of sorted nanosecond values, in milliseconds.
