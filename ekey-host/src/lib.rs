@@ -9,6 +9,7 @@ pub mod driver;
 pub mod egd;
 pub mod kernel;
 pub mod keyring;
+pub mod rng;
 pub mod soft;
 pub mod status;
 pub mod transport;

@@ -1,0 +1,198 @@
+//! The key as a random number generator for your own program.
+//!
+//! [`open`] finds a key (the first one on USB, or a tty or Unix socket you
+//! name), looks its long-term key up in the keyring, and returns an
+//! [`ekey_proto::rng::EntropyKeyRng`]: `rand_core`'s `TryRng +
+//! TryCryptoRng`, blocking until verified bytes arrive, with a typed error
+//! instead of a panic.
+//!
+//! ```no_run
+//! use rand_core::TryRng;
+//! let mut key = ekey_host::rng::open(None, ekey_host::keyring::DEFAULT_PATH.as_ref())?;
+//! let mut buf = [0u8; 32];
+//! key.try_fill_bytes(&mut buf)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! A key gives a few kilobytes a second. For fast randomness, seed a
+//! ChaCha20 generator from it and reseed it now and then (see
+//! `examples/chacha_reseed.rs`); `examples/random_hex.rs` prints 32 bytes.
+//! Wrap the RNG in `rand_core::UnwrapErr` only where a panic on a failing
+//! key is acceptable.
+
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant as StdInstant};
+
+use ekey_proto::keys::{LongTermKey, Serial};
+use ekey_proto::rng::EntropyKeyRng;
+use ekey_proto::time::Instant;
+use nusb::MaybeFuture;
+use nusb::transfer::{Bulk, In, Out};
+
+use crate::keyring::Keyring;
+use crate::usb;
+
+/// How long one transport read waits before the adapter looks at its
+/// clock again.
+const POLL: Duration = Duration::from_millis(200);
+
+/// A blocking byte stream to a key, as `embedded-io` sees it. Reads that
+/// find nothing within 200 ms report `TimedOut`, which the adapter
+/// retries until its own deadline.
+pub struct BlockingLink {
+    inner: Box<dyn ReadWrite>,
+    /// A tty read returning 0 means "nothing yet" (VTIME), not the end.
+    zero_is_timeout: bool,
+}
+
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+impl embedded_io::ErrorType for BlockingLink {
+    type Error = io::Error;
+}
+
+impl embedded_io::Read for BlockingLink {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, io::Error> {
+        match self.inner.read(buf) {
+            Ok(0) if self.zero_is_timeout && !buf.is_empty() => Err(io::ErrorKind::TimedOut.into()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::ErrorKind::TimedOut.into()),
+            r => r,
+        }
+    }
+}
+
+impl embedded_io::Write for BlockingLink {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, io::Error> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> Result<(), io::Error> {
+        self.inner.flush()
+    }
+}
+
+/// Looks long-term keys up in a keyring loaded once.
+pub struct KeyringLookup(Keyring);
+
+impl ekey_proto::host::KeyLookup for KeyringLookup {
+    fn long_term_key(&self, serial: &Serial) -> Option<LongTermKey> {
+        self.0.get(serial)
+    }
+}
+
+/// The monotonic clock the adapter reads.
+pub struct Clock(StdInstant);
+
+impl ekey_proto::rng::Clock for Clock {
+    fn now(&mut self) -> Instant {
+        Instant::from_millis(self.0.elapsed().as_millis() as u64)
+    }
+}
+
+/// A key as an RNG: see the module docs.
+pub type KeyRng = EntropyKeyRng<BlockingLink, KeyringLookup, getrandom::SysRng, Clock>;
+
+/// Opens a key as an RNG: `device` (a tty or Unix socket), or else the one
+/// key on USB; long-term keys from the keyring at `keyring`.
+pub fn open(device: Option<&Path>, keyring: &Path) -> Result<KeyRng, String> {
+    let ring = Keyring::load(keyring).map_err(|e| e.to_string())?;
+    let link = match device {
+        Some(path) => open_path(path)?,
+        None => open_usb()?,
+    };
+    Ok(EntropyKeyRng::new(
+        link,
+        KeyringLookup(ring),
+        getrandom::SysRng,
+        Clock(StdInstant::now()),
+    ))
+}
+
+fn open_path(path: &Path) -> Result<BlockingLink, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.file_type().is_socket() {
+        let s = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        s.set_read_timeout(Some(POLL)).map_err(|e| e.to_string())?;
+        return Ok(BlockingLink {
+            inner: Box::new(s),
+            zero_is_timeout: false,
+        });
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::transport::set_raw(&f).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Reads return after POLL with whatever came, possibly nothing.
+    let mut t = nix::sys::termios::tcgetattr(&f).map_err(|e| e.to_string())?;
+    t.control_chars[nix::sys::termios::SpecialCharacterIndices::VMIN as usize] = 0;
+    t.control_chars[nix::sys::termios::SpecialCharacterIndices::VTIME as usize] =
+        (POLL.as_millis() / 100) as u8;
+    nix::sys::termios::tcsetattr(&f, nix::sys::termios::SetArg::TCSANOW, &t)
+        .map_err(|e| e.to_string())?;
+    Ok(BlockingLink {
+        inner: Box::new(f),
+        zero_is_timeout: true,
+    })
+}
+
+/// A USB key's data interface as one blocking reader and writer.
+struct UsbLink {
+    reader: nusb::io::EndpointRead<Bulk>,
+    writer: nusb::io::EndpointWrite<Bulk>,
+}
+
+impl Read for UsbLink {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for UsbLink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+fn open_usb() -> Result<BlockingLink, String> {
+    let keys = usb::list_blocking().map_err(|e| e.to_string())?;
+    let info = match keys.as_slice() {
+        [] => return Err("no Entropy Key (USB 20df:0001) is attached".into()),
+        [one] => one,
+        _ => return Err("several keys are attached: name one with a device path".into()),
+    };
+    let dev = info
+        .open()
+        .wait()
+        .map_err(|e| format!("{}: {e}", usb::describe(info)))?;
+    let data = usb::find_data_interface(&dev).map_err(|e| e.to_string())?;
+    let intf = dev
+        .detach_and_claim_interface(data.interface)
+        .wait()
+        .map_err(|e| format!("{}: {e}", usb::describe(info)))?;
+    let ep_in = intf
+        .endpoint::<Bulk, In>(data.ep_in)
+        .map_err(|e| e.to_string())?;
+    let ep_out = intf
+        .endpoint::<Bulk, Out>(data.ep_out)
+        .map_err(|e| e.to_string())?;
+    let mps = ep_in.max_packet_size().max(64);
+    let reader = ep_in
+        .reader(mps)
+        .with_num_transfers(8)
+        .with_read_timeout(POLL);
+    let writer = ep_out
+        .writer(512)
+        .with_write_timeout(Duration::from_secs(5));
+    Ok(BlockingLink {
+        inner: Box::new(UsbLink { reader, writer }),
+        zero_is_timeout: false,
+    })
+}
