@@ -143,11 +143,14 @@ impl Daemon {
             .arg(&self.control)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let log = self.control.with_file_name("daemon.log");
+            panic!(
+                "{}\ndaemon log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
