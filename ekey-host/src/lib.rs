@@ -1,7 +1,16 @@
 //! `ekey-host`: the Entropy Key daemon and tools, as a library.
 //!
-//! Work in progress: today it has the built-in software key
-//! ([`soft::SoftKey`]) that `ekey-host run --emulate` runs on.
+//! - [`rng`]: a key as a `rand_core` RNG in your own program
+//!   (`rng::open(None, keyring)` takes the key on USB); see
+//!   `examples/random_hex.rs` and `examples/chacha_reseed.rs`.
+//! - [`transport`] and [`usb`]: keys on ttys, Unix sockets and USB (nusb),
+//!   as async byte streams; [`driver`]: one `Session` per key, verified
+//!   blocks out with backpressure.
+//! - Outputs: [`egd`] (the EGD server QEMU's `rng-egd` reads) and
+//!   [`kernel`] (`RNDADDENTROPY`).
+//! - [`keyring`] (ekeyd's format, atomic 0600 writes), [`control`] and
+//!   [`status`] (the daemon's control socket), [`soft`] (the built-in
+//!   software key), [`cli`] (the `ekey-host` command line).
 
 pub mod cli;
 pub mod control;
