@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Guard, KEYRING, env_or, thousands, wait_for_path_line, wait_until_running};
+use common::{BIN, Guard, KEYRING, env_or, thousands, wait_until_running};
 
 const TARGET_CPU_PERCENT: f64 = 0.25;
 const VENDOR_CPU_PERCENT: f64 = 0.52;
@@ -125,32 +125,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("cannot create a temp dir");
     let keyring = dir.path().join("keyring");
     fs::write(&keyring, KEYRING).expect("cannot write the keyring");
-    let socket = dir.path().join("key.sock");
     let output: PathBuf = dir.path().join("out.bin");
     let control = dir.path().join("ctl");
-    let emu_log = dir.path().join("emulate.log");
     let daemon_log = dir.path().join("daemon.log");
 
-    let mut emulator = Guard::spawn(
-        "the emulator",
-        Command::new(BIN)
-            .arg("emulate")
-            .arg("--unix")
-            .arg(&socket)
-            .arg("--rate")
-            .arg(rate.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(&emu_log).expect("cannot create the emulator log")),
-    );
-    let stdout = emulator.child.stdout.take().expect("piped stdout");
-    let line = wait_for_path_line(stdout, Duration::from_secs(10));
-    emulator.assert_alive(&emu_log);
-    assert_eq!(
-        Path::new(line.trim()),
-        socket,
-        "the emulator printed an unexpected line"
-    );
+    let (mut emulator, socket, emu_log) = common::start_emulator(dir.path(), rate);
 
     let mut daemon = Guard::spawn(
         "the daemon",

@@ -19,15 +19,13 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{
-    BIN, Guard, KEYRING, env_or, status_json, thousands, wait_for_path_line, wait_until_running,
-};
+use common::{BIN, Guard, KEYRING, env_or, status_json, thousands, wait_until_running};
 
 /// Throughput test: default clients, and bytes per `0x02 n` request.
 const TP_CLIENTS: usize = 64;
@@ -65,31 +63,10 @@ impl Rig {
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
         let keyring = dir.path().join("keyring");
         fs::write(&keyring, KEYRING).expect("cannot write the keyring");
-        let socket = dir.path().join("key.sock");
         let control = dir.path().join("ctl");
-        let emu_log = dir.path().join("emulate.log");
         let daemon_log = dir.path().join("daemon.log");
 
-        let mut emulator = Guard::spawn(
-            "the emulator",
-            Command::new(BIN)
-                .arg("emulate")
-                .arg("--unix")
-                .arg(&socket)
-                .arg("--rate")
-                .arg(rate.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(fs::File::create(&emu_log).expect("cannot create the emulator log")),
-        );
-        let stdout = emulator.child.stdout.take().expect("piped stdout");
-        let line = wait_for_path_line(stdout, Duration::from_secs(10));
-        emulator.assert_alive(&emu_log);
-        assert_eq!(
-            Path::new(line.trim()),
-            socket,
-            "the emulator printed an unexpected line"
-        );
+        let (emulator, socket, emu_log) = common::start_emulator(dir.path(), rate);
 
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut daemon = Guard::spawn(

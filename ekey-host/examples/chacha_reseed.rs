@@ -13,15 +13,7 @@ const RESEED_EVERY: usize = 64 << 20;
 const TOTAL: usize = 256 << 20;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let device = args.next();
-    let keyring = args
-        .next()
-        .unwrap_or_else(|| ekey_host::keyring::DEFAULT_PATH.to_owned());
-    let mut key = ekey_host::rng::open(
-        device.as_deref().map(std::path::Path::new),
-        keyring.as_ref(),
-    )?;
+    let mut key = ekey_host::rng::open_from_args(std::env::args().skip(1))?;
     // A failing key is an error here, not a panic: reseeding is fallible.
     let mut rng = ChaCha20Rng::try_from_rng(&mut key)?;
     let start = std::time::Instant::now();

@@ -8,15 +8,7 @@
 use rand_core::TryRng;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let device = args.next();
-    let keyring = args
-        .next()
-        .unwrap_or_else(|| ekey_host::keyring::DEFAULT_PATH.to_owned());
-    let mut key = ekey_host::rng::open(
-        device.as_deref().map(std::path::Path::new),
-        keyring.as_ref(),
-    )?;
+    let mut key = ekey_host::rng::open_from_args(std::env::args().skip(1))?;
     let mut bytes = [0u8; 32];
     key.try_fill_bytes(&mut bytes)?;
     println!("{}", hex::encode(bytes));

@@ -161,7 +161,8 @@ impl DriveOptions {
 }
 
 /// Runs a session on `link` until the link or the output closes.
-/// `on_event` sees every event (after the status is updated); a change on
+/// `on_event` sees every event but entropy (after the status is updated);
+/// a change on
 /// `signals.reload` (the keyring was re-read) resets the key, and a key
 /// named in `signals.released` is let go of ([`Ended::Released`]).
 pub async fn drive<K: KeyLookup + ?Sized>(
@@ -291,6 +292,7 @@ async fn deliver(
 ) -> Delivered {
     let mut result = Delivered::Ok;
     while let Some(ev) = session.poll_event() {
+        let is_entropy = matches!(ev, Event::Entropy { .. });
         let snapshot = {
             let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
             st.serial = session.serial();
@@ -300,9 +302,12 @@ async fn deliver(
             }
             st.counters = session.counters();
             st.info = *session.info();
-            st.clone()
+            // Entropy is the per-frame path: no copy of the status for it.
+            (!is_entropy).then(|| st.clone())
         };
-        on_event(&snapshot, &ev);
+        if let Some(snapshot) = &snapshot {
+            on_event(snapshot, &ev);
+        }
         match ev {
             Event::Entropy { data, .. } => {
                 let serial = session.serial().unwrap_or_default();

@@ -109,6 +109,17 @@ pub fn open(device: Option<&Path>, keyring: &Path) -> Result<KeyRng, String> {
     ))
 }
 
+/// [`open`] from command-line arguments `[DEVICE [KEYRING]]` (as the
+/// examples take them): no device means the key on USB, no keyring the
+/// system one.
+pub fn open_from_args(mut args: impl Iterator<Item = String>) -> Result<KeyRng, String> {
+    let device = args.next();
+    let keyring = args
+        .next()
+        .unwrap_or_else(|| crate::keyring::DEFAULT_PATH.to_owned());
+    open(device.as_deref().map(Path::new), Path::new(&keyring))
+}
+
 fn open_path(path: &Path) -> Result<BlockingLink, String> {
     use std::os::unix::fs::FileTypeExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;

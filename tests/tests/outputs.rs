@@ -52,17 +52,7 @@ fn qemu_style_egd_clients_get_exactly_what_they_ask_for_from_the_key() {
         "40000",
     ]);
     let addr = format!("127.0.0.1:{}", port());
-    let daemon = Daemon::start(
-        &dir,
-        &[
-            "--device",
-            emu.path.to_str().unwrap(),
-            "--keyring",
-            ring.to_str().unwrap(),
-            "--egd-tcp",
-            &addr,
-        ],
-    );
+    let daemon = Daemon::for_key(&dir, &emu.path, &ring, &["--egd-tcp", &addr]);
     assert!(wait_for(10, || daemon.status()["keys"][0]["running"] == true));
     // Eight QEMU-style clients: 0x02 64, four requests in flight each.
     let mut clients: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(&addr).unwrap()).collect();
@@ -112,17 +102,11 @@ fn kernel_output_credits_the_configured_bits() {
         "--rate",
         "40000",
     ]);
-    let daemon = Daemon::start(
+    let daemon = Daemon::for_key(
         &dir,
-        &[
-            "--device",
-            emu.path.to_str().unwrap(),
-            "--keyring",
-            ring.to_str().unwrap(),
-            "--kernel=6",
-            "--kernel-interval",
-            "1",
-        ],
+        &emu.path,
+        &ring,
+        &["--kernel=6", "--kernel-interval", "1"],
     );
     let ok = wait_for(15, || {
         let k = &daemon.status()["kernel"];

@@ -3,6 +3,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 
 use support::{DEMO_KEYRING, Daemon, Emulator, Scratch, blocks, ekey_host, read, wait_for};
@@ -15,6 +16,29 @@ fn rekey(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// `ekey-host rekey --device DEVICE --master-key MASTER --keyring RING
+/// --control CONTROL EXTRA…`.
+fn rekey_key(
+    device: &Path,
+    master: &str,
+    ring: &Path,
+    control: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "--device",
+        device.to_str().unwrap(),
+        "--master-key",
+        master,
+        "--keyring",
+        ring.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    rekey(&args)
 }
 
 fn text(o: &std::process::Output) -> String {
@@ -77,18 +101,13 @@ fn every_long_term_rekey_vector_through_the_command() {
             "--noise-prefix",
             c["device_entropy"].as_str().unwrap(),
         ]);
-        let out = rekey(&[
-            "--device",
-            emu.path.to_str().unwrap(),
-            "--master-key",
+        let out = rekey_key(
+            &emu.path,
             c["master_key_printed"].as_str().unwrap(),
-            "--keyring",
-            ring.to_str().unwrap(),
-            "--nonce",
-            c["host_nonce"].as_str().unwrap(),
-            "--control",
-            dir.path("no-daemon").to_str().unwrap(),
-        ]);
+            &ring,
+            &dir.path("no-daemon"),
+            &["--nonce", c["host_nonce"].as_str().unwrap()],
+        );
         assert!(out.status.success(), "case {i}: {}", text(&out));
         assert!(text(&out).contains("long-term key updated"));
         let line = std::fs::read_to_string(&ring).unwrap();
@@ -119,16 +138,7 @@ fn right_master_key_rekeys_and_the_new_key_works() {
         "--rate",
         "100000",
     ]);
-    let out = rekey(&[
-        "--device",
-        emu.path.to_str().unwrap(),
-        "--master-key",
-        DEMO_MASTER,
-        "--keyring",
-        ring.to_str().unwrap(),
-        "--control",
-        dir.path("no-daemon").to_str().unwrap(),
-    ]);
+    let out = rekey_key(&emu.path, DEMO_MASTER, &ring, &dir.path("no-daemon"), &[]);
     assert!(out.status.success(), "{}", text(&out));
     let content = std::fs::read_to_string(&ring).unwrap();
     assert!(
@@ -157,16 +167,7 @@ fn wrong_master_key_is_refused_and_the_keyring_is_untouched() {
     let emu = Emulator::start(&["--unix", dir.path("key.sock").to_str().unwrap()]);
     // A valid master key (right check digit), but not this key's.
     let other = "exNhxZ9hBSvVk7vFKV8HpwZSt4F64fo2gLd/qUEgZSMH";
-    let out = rekey(&[
-        "--device",
-        emu.path.to_str().unwrap(),
-        "--master-key",
-        other,
-        "--keyring",
-        ring.to_str().unwrap(),
-        "--control",
-        dir.path("no-daemon").to_str().unwrap(),
-    ]);
+    let out = rekey_key(&emu.path, other, &ring, &dir.path("no-daemon"), &[]);
     assert!(!out.status.success());
     assert!(text(&out).contains("master key is wrong"), "{}", text(&out));
     assert_eq!(std::fs::read(&ring).unwrap(), before, "keyring changed");
@@ -209,29 +210,15 @@ fn a_running_daemon_lets_go_of_the_key_and_takes_it_back_rekeyed() {
         "20000",
     ]);
     let out_file = dir.path("out.bin");
-    let daemon = Daemon::start(
+    let daemon = Daemon::for_key(
         &dir,
-        &[
-            "--device",
-            emu.path.to_str().unwrap(),
-            "--keyring",
-            ring.to_str().unwrap(),
-            "--output",
-            out_file.to_str().unwrap(),
-        ],
+        &emu.path,
+        &ring,
+        &["--output", out_file.to_str().unwrap()],
     );
     let running = |d: &Daemon| d.status()["keys"][0]["running"] == true;
     assert!(wait_for(10, || running(&daemon)));
-    let out = rekey(&[
-        "--device",
-        emu.path.to_str().unwrap(),
-        "--master-key",
-        DEMO_MASTER,
-        "--keyring",
-        ring.to_str().unwrap(),
-        "--control",
-        daemon.control.to_str().unwrap(),
-    ]);
+    let out = rekey_key(&emu.path, DEMO_MASTER, &ring, &daemon.control, &[]);
     assert!(out.status.success(), "{}", text(&out));
     // The daemon took the key back and keys it with the new long-term key.
     assert!(wait_for(10, || {

@@ -128,3 +128,32 @@ pub fn thousands(n: u64) -> String {
     }
     out
 }
+
+/// Starts `ekey-host emulate --unix <dir>/key.sock --rate RATE` (stderr to
+/// `<dir>/emulate.log`) and waits until it listens. Returns the emulator,
+/// its socket and its log.
+pub fn start_emulator(dir: &Path, rate: u32) -> (Guard, std::path::PathBuf, std::path::PathBuf) {
+    let socket = dir.join("key.sock");
+    let log = dir.join("emulate.log");
+    let mut emulator = Guard::spawn(
+        "the emulator",
+        Command::new(BIN)
+            .arg("emulate")
+            .arg("--unix")
+            .arg(&socket)
+            .arg("--rate")
+            .arg(rate.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).expect("cannot create the emulator log")),
+    );
+    let stdout = emulator.child.stdout.take().expect("piped stdout");
+    let line = wait_for_path_line(stdout, Duration::from_secs(10));
+    emulator.assert_alive(&log);
+    assert_eq!(
+        Path::new(line.trim()),
+        socket,
+        "the emulator printed an unexpected line"
+    );
+    (emulator, socket, log)
+}

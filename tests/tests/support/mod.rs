@@ -136,6 +136,18 @@ impl Daemon {
         Daemon { child, control }
     }
 
+    /// Starts the daemon on one key: `--device DEVICE --keyring RING EXTRA…`.
+    pub fn for_key(dir: &Scratch, device: &Path, ring: &Path, extra: &[&str]) -> Daemon {
+        let mut args = vec![
+            "--device",
+            device.to_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start(dir, &args)
+    }
+
     /// `ekey-host status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(ekey_host())
