@@ -33,6 +33,7 @@
 pub mod crypto;
 #[cfg(feature = "device")]
 pub mod device;
+pub mod health;
 pub mod host;
 pub mod keys;
 pub mod pem;
@@ -40,4 +41,6 @@ pub mod rekey;
 pub mod rng;
 pub mod skein;
 pub mod time;
+#[cfg(feature = "usb-device")]
+pub mod usb_class;
 pub mod wire;

@@ -1,0 +1,1 @@
+//! Prometheus metrics (to be written).

@@ -1,0 +1,1 @@
+//! Host-side health tests of verified output (to be written).
