@@ -198,11 +198,16 @@ struct RekeyArgs {
 #[derive(Args)]
 struct EmulateArgs {
     /// Create a pseudo-terminal and print its path.
-    #[arg(long, conflicts_with = "unix")]
+    #[arg(long, conflicts_with_all = ["unix", "tty"])]
     pty: bool,
     /// Listen on this Unix socket (one client at a time).
-    #[arg(long, value_name = "PATH", required_unless_present = "pty")]
+    #[arg(long, value_name = "PATH", conflicts_with = "tty")]
+    #[arg(required_unless_present_any = ["pty", "tty"])]
     unix: Option<PathBuf>,
+    /// Serve on this existing tty (e.g. a USB gadget's /dev/ttyGS0),
+    /// reopening it when the other side hangs up.
+    #[arg(long, value_name = "PATH")]
+    tty: Option<PathBuf>,
     /// Serial number (16 PEM64 characters).
     #[arg(long, value_name = "PEM16", default_value_t = DEMO_SERIAL.to_string())]
     serial: String,
@@ -234,6 +239,16 @@ struct EmulateArgs {
     /// Test faults: report this failure mode (e.g. 3) from the start.
     #[arg(long, value_name = "CHAR", hide = true)]
     fault_failure_mode: Option<char>,
+    /// Test faults: bad noise (stuck[=HEX], biased, repeat).
+    #[arg(long, value_name = "KIND", hide = true)]
+    fault_noise: Option<soft::NoiseFault>,
+    /// Test faults: report this core temperature (tenths of a kelvin).
+    #[arg(long, value_name = "DECI_KELVIN", hide = true)]
+    fault_temperature: Option<u32>,
+    /// Tests only: noise from ChaCha20 with this seed (64 hex digits), so
+    /// that the stream is known in advance.
+    #[arg(long, value_name = "HEX", hide = true)]
+    noise_seed: Option<String>,
 }
 
 /// The log level from `EKEY_LOG` (`error`, `warn`, `info`, `debug`,
@@ -1164,6 +1179,7 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
     let EmulateArgs {
         pty,
         unix,
+        tty,
         serial,
         long_term_key,
         master_key,
@@ -1174,12 +1190,17 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
         fault_garbage_every,
         fault_replay_every,
         fault_failure_mode,
+        fault_noise,
+        fault_temperature,
+        noise_seed,
     } = args;
     let plan = soft::FaultPlan {
         corrupt_every: fault_corrupt_every,
         garbage_every: fault_garbage_every,
         replay_every: fault_replay_every,
         failure_mode: fault_failure_mode.map(|c| c as u8),
+        noise: fault_noise.unwrap_or_default(),
+        temperature: fault_temperature,
     };
     let serial: Serial = serial
         .parse()
@@ -1196,6 +1217,13 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
     });
     let mut key = SoftKey::new(config);
     key.set_faults(plan);
+    if let Some(h) = noise_seed {
+        let seed: [u8; 32] = hex::decode(h.trim())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or("--noise-seed: 64 hex digits")?;
+        key.seed_noise(seed);
+    }
     if let Some(h) = noise_prefix {
         key.script_noise(&hex::decode(h.trim()).map_err(|e| format!("--noise-prefix: {e}"))?);
     }
@@ -1208,6 +1236,10 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
         None => None,
     };
     let slot = soft::slot_for_rate(rate);
+    if let Some(path) = tty {
+        let rec = rec.as_deref_mut().map(|w| w as _);
+        return serve_tty(&path, &mut key, slot, rec).await;
+    }
     if pty {
         let (mut master, path) =
             transport::open_pty().map_err(|e| format!("cannot create a pty: {e}"))?;
@@ -1255,6 +1287,55 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
         }
         let _ = std::fs::remove_file(&path);
         Ok(())
+    }
+}
+
+/// `emulate --tty`: serves the key on an existing tty until a signal,
+/// reopening the tty whenever the other side hangs up (a gadget's port
+/// while the host side is unbound).
+async fn serve_tty(
+    path: &Path,
+    key: &mut SoftKey,
+    slot: Duration,
+    mut rec: Option<&mut (dyn Write + Send)>,
+) -> Result<(), String> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    // The first open must work: a wrong path is an error, not a wait.
+    let mut tty = Some(transport::Tty::open(path).map_err(|e| e.to_string())?);
+    println!("{}", path.display());
+    let _ = io::stdout().flush();
+    info!("software key {} on {}", key.serial(), path.display());
+    loop {
+        let mut t = match tty.take() {
+            Some(t) => t,
+            None => match transport::Tty::open(path) {
+                Ok(t) => {
+                    info!("{}: open again", path.display());
+                    t
+                }
+                Err(e) => {
+                    tracing::debug!("{}: {e}", path.display());
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                        _ = sigterm.recv() => return Ok(()),
+                    }
+                }
+            },
+        };
+        tokio::select! {
+            r = soft::serve(&mut t, key, slot, rec.as_deref_mut().map(|w| w as _)) => {
+                match r {
+                    Ok(()) => info!("{}: the other side hung up", path.display()),
+                    Err(e) => info!("{}: {e}", path.display()),
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+        drop(t);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -35,13 +35,74 @@ pub struct FaultPlan {
     pub replay_every: u64,
     /// Enter this failure mode (its character, e.g. `3`) at once.
     pub failure_mode: Option<u8>,
+    /// Spoil the noise the key encrypts (tests of the health gate).
+    pub noise: NoiseFault,
+    /// Report this core temperature (tenths of a kelvin) instead of 315.0 K.
+    pub temperature: Option<u32>,
+}
+
+/// Bad noise a software key can be told to produce, so that the host's
+/// health gate can be shown to catch it. The frames stay authentic: only
+/// what is inside them is bad, as with a failing generator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NoiseFault {
+    /// Good noise.
+    #[default]
+    None,
+    /// Every byte is this value.
+    Stuck(u8),
+    /// Each bit is 1 with probability 9/16.
+    Biased,
+    /// The same 32 bytes over and over.
+    Repeat,
+}
+
+impl std::str::FromStr for NoiseFault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(NoiseFault::None),
+            "biased" => Ok(NoiseFault::Biased),
+            "repeat" => Ok(NoiseFault::Repeat),
+            _ => match s.strip_prefix("stuck") {
+                Some(v) => {
+                    let v = v.trim_start_matches(['=', ':']);
+                    let v = v.strip_prefix("0x").unwrap_or(v);
+                    let b = if v.is_empty() {
+                        0
+                    } else {
+                        u8::from_str_radix(v, 16).map_err(|e| format!("stuck byte: {e}"))?
+                    };
+                    Ok(NoiseFault::Stuck(b))
+                }
+                None => Err(format!(
+                    "unknown noise fault {s:?} (none, stuck[=HEX], biased, repeat)"
+                )),
+            },
+        }
+    }
 }
 
 /// The software key's noise: scripted bytes first (tests), then the OS
-/// generator.
+/// generator (or a seeded ChaCha20, for tests that need to know the stream
+/// in advance), spoiled as `fault` says.
 struct Noise {
     script: std::collections::VecDeque<u8>,
     os: rand_core::UnwrapErr<getrandom::SysRng>,
+    seeded: Option<rand_chacha::ChaCha20Rng>,
+    fault: NoiseFault,
+    last: [u8; 32],
+    have_last: bool,
+}
+
+impl Noise {
+    fn raw(&mut self, dst: &mut [u8]) {
+        use rand_core::Rng;
+        match &mut self.seeded {
+            Some(c) => c.fill_bytes(dst),
+            None => self.os.fill_bytes(dst),
+        }
+    }
 }
 
 impl rand_core::TryRng for Noise {
@@ -57,14 +118,37 @@ impl rand_core::TryRng for Noise {
         Ok(u64::from_le_bytes(b))
     }
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
-        use rand_core::Rng;
         let scripted = dst.len().min(self.script.len());
         let (head, tail) = dst.split_at_mut(scripted);
         for (d, b) in head.iter_mut().zip(self.script.drain(..scripted)) {
             *d = b;
         }
-        if !tail.is_empty() {
-            self.os.fill_bytes(tail);
+        if tail.is_empty() {
+            return Ok(());
+        }
+        match self.fault {
+            NoiseFault::None => self.raw(tail),
+            NoiseFault::Stuck(b) => tail.fill(b),
+            NoiseFault::Biased => {
+                let mut extra = vec![0u8; tail.len() * 3];
+                self.raw(tail);
+                self.raw(&mut extra);
+                for (d, e) in tail.iter_mut().zip(extra.chunks_exact(3)) {
+                    // P(bit = 1) = 1 - 1/2 · 7/8 = 9/16.
+                    *d |= e[0] & e[1] & e[2];
+                }
+            }
+            NoiseFault::Repeat => {
+                if !self.have_last {
+                    let mut first = [0u8; 32];
+                    self.raw(&mut first);
+                    self.last = first;
+                    self.have_last = true;
+                }
+                for (d, b) in tail.iter_mut().zip(self.last.iter().cycle()) {
+                    *d = *b;
+                }
+            }
         }
         Ok(())
     }
@@ -93,6 +177,10 @@ impl SoftKey {
             noise: Noise {
                 script: std::collections::VecDeque::new(),
                 os: rand_core::UnwrapErr(getrandom::SysRng),
+                seeded: None,
+                fault: NoiseFault::None,
+                last: [0; 32],
+                have_last: false,
             },
             plan: FaultPlan::default(),
             frames: 0,
@@ -105,6 +193,15 @@ impl SoftKey {
         self.noise.script.extend(bytes);
     }
 
+    /// Takes noise from ChaCha20 with this seed instead of the OS
+    /// generator: the same seed gives the same stream (tests that must know
+    /// what the key will send, e.g. a stream known to pass the health
+    /// tests).
+    pub fn seed_noise(&mut self, seed: [u8; 32]) {
+        use rand_core::SeedableRng;
+        self.noise.seeded = Some(rand_chacha::ChaCha20Rng::from_seed(seed));
+    }
+
     /// The long-term key in the key's "flash".
     pub fn long_term_key(&self) -> &LongTermKey {
         self.device.long_term_key()
@@ -113,6 +210,11 @@ impl SoftKey {
     /// Sets the faults to inject.
     pub fn set_faults(&mut self, plan: FaultPlan) {
         self.plan = plan;
+        self.noise.fault = plan.noise;
+        if let Some(t) = plan.temperature {
+            self.device
+                .set_temperature(ekey_proto::wire::info::Temperature { deci_kelvin: t });
+        }
         if let Some(c) = plan.failure_mode {
             self.device.faults_mut().failure_mode =
                 Some(ekey_proto::wire::info::FailureMode::from_char(c));

@@ -292,6 +292,17 @@ impl Device {
         &mut self.faults
     }
 
+    /// Sets the core temperature the key reports from now on (a sensor
+    /// reading, e.g. to show a host reacting to an overheating key).
+    pub fn set_temperature(&mut self, temperature: Temperature) {
+        self.config.temperature = temperature;
+    }
+
+    /// Sets the supply voltage the key reports from now on.
+    pub fn set_voltage(&mut self, voltage: Voltage) {
+        self.config.voltage = voltage;
+    }
+
     fn reset(&mut self) {
         self.stats.resets = self.stats.resets.saturating_add(1);
         self.keys = FrameKeys::new(&self.config.serial, &SessionKey::ZERO);
