@@ -143,13 +143,22 @@ struct Outputs {
     #[arg(long, value_name = "N", default_value_t = 64)]
     egd_max_clients: usize,
     /// Feed the kernel's pool (RNDADDENTROPY on /dev/random, needs
-    /// CAP_SYS_ADMIN), crediting this many bits per byte (1..8).
+    /// CAP_SYS_ADMIN), crediting this many bits per byte (0..8; 0 mixes
+    /// the bytes in without credit).
     #[arg(long, value_name = "BITS_PER_BYTE", num_args = 0..=1, default_missing_value = "7")]
     kernel: Option<u8>,
     /// Once the kernel's generator is ready: mix in 64 bytes this often
     /// (seconds). Before that, the key's full rate goes to the kernel.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     kernel_interval: u64,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics; `PORT` alone
+    /// binds 127.0.0.1.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+    /// Tell systemd (Type=notify) the daemon is ready at once, instead of
+    /// when the first key is keyed.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 #[derive(Subcommand)]
@@ -364,6 +373,8 @@ fn terminal_reason(state: State) -> Option<String> {
 struct Output {
     tx: mpsc::Sender<([u8; 32], usize)>,
     done: tokio::sync::oneshot::Receiver<io::Result<()>>,
+    /// Bytes written (and flushed) so far.
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Writes one batch: the block given and every block already queued; then
@@ -372,13 +383,18 @@ fn write_batch(
     w: &mut dyn Write,
     first: ([u8; 32], usize),
     rx: &mut mpsc::Receiver<([u8; 32], usize)>,
+    written: &std::sync::atomic::AtomicU64,
 ) -> io::Result<()> {
     let (block, take) = first;
     w.write_all(&block[..take])?;
+    let mut n = take as u64;
     while let Ok((b, t)) = rx.try_recv() {
         w.write_all(&b[..t])?;
+        n += t as u64;
     }
-    w.flush()
+    w.flush()?;
+    written.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
@@ -404,11 +420,13 @@ fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
     };
     let (tx, mut rx) = mpsc::channel::<([u8; 32], usize)>(64);
     let (done_tx, done) = tokio::sync::oneshot::channel();
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = written.clone();
     if regular {
         tokio::spawn(async move {
             let mut result = Ok(());
             while let Some(first) = rx.recv().await {
-                result = write_batch(&mut w, first, &mut rx);
+                result = write_batch(&mut w, first, &mut rx, &count);
                 if result.is_err() {
                     break;
                 }
@@ -421,7 +439,7 @@ fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
             .spawn(move || {
                 let mut result = Ok(());
                 while let Some(first) = rx.blocking_recv() {
-                    result = write_batch(&mut w, first, &mut rx);
+                    result = write_batch(&mut w, first, &mut rx, &count);
                     if result.is_err() {
                         break;
                     }
@@ -430,7 +448,7 @@ fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
             })
             .map_err(|e| format!("cannot start the output thread: {e}"))?;
     }
-    Ok(Some(Output { tx, done }))
+    Ok(Some(Output { tx, done, written }))
 }
 
 /// Every key's status, growing as keys are plugged in.
@@ -667,6 +685,16 @@ async fn run(
 
     let live = io::stderr().is_terminal() && !is_read;
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
+    // systemd (Type=notify): READY=1 once a key is keyed (or at once with
+    // --no-wait), WATCHDOG=1 from this loop while it turns, STATUS= lines.
+    let mut notify = (!is_read).then(|| Notifier::new(outputs.no_wait));
+    let mut notify_tick = tokio::time::interval(
+        notify
+            .as_ref()
+            .and_then(|n| n.period)
+            .unwrap_or(Duration::from_secs(5)),
+    );
+    notify_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let t0 = tokio::time::Instant::now();
     let deadline = read_timeout.map(|d| t0 + d);
     let mut written: u64 = 0;
@@ -694,7 +722,9 @@ async fn run(
                 if writer.is_some() || egd_tx.is_some() || kernel_tx.is_some() {
                     pending = Some(block);
                 } else {
-                    written += limit.map_or(32, |l| (l - written).min(32));
+                    let take = limit.map_or(32, |l| (l - written).min(32));
+                    written += take;
+                    block.book(32, |o| &mut o.unused);
                 }
             }
             permit = reserve_block(kernel_tx.as_ref()), if pending.is_some() => {
@@ -703,12 +733,14 @@ async fn run(
                 };
                 if let Some(block) = pending.take() {
                     permit.send(block.data);
+                    block.book(32, |o| &mut o.kernel);
                 }
             }
             permit = reserve_block(egd_tx.as_ref()), if pending.is_some() => {
                 let Ok(permit) = permit else { break };
                 if let Some(block) = pending.take() {
                     permit.send(block.data);
+                    block.book(32, |o| &mut o.egd);
                 }
             }
             permit = reserve(writer.as_ref()), if pending.is_some() => {
@@ -720,6 +752,8 @@ async fn run(
                     let take = limit.map_or(32, |l| (l - written).min(32));
                     permit.send((block.data, take as usize));
                     written += take;
+                    block.book(take, |o| &mut o.file);
+                    block.book(32 - take, |o| &mut o.unused);
                 }
             }
             f = fail_rx.recv(), if is_read && fail_open => {
@@ -753,7 +787,15 @@ async fn run(
             _ = status_tick.tick(), if live => {
                 print_status_line(&statuses, written, t0.elapsed());
             }
+            _ = notify_tick.tick(), if notify.is_some() => {
+                if let Some(n) = notify.as_mut() {
+                    n.tick(&snapshot(&statuses));
+                }
+            }
         }
+    }
+    if notify.is_some() {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
     // Let the output thread write what it has (whole blocks), then stop.
     if let Some(o) = out.take() {
@@ -806,6 +848,64 @@ async fn run(
         });
     }
     Ok(())
+}
+
+/// What the daemon tells systemd.
+struct Notifier {
+    ready: bool,
+    /// How often to ping the watchdog (half its timeout), if it is on.
+    period: Option<Duration>,
+    last_status: String,
+}
+
+impl Notifier {
+    fn new(no_wait: bool) -> Self {
+        let period = sd_notify::watchdog_enabled().map(|t| (t / 2).max(Duration::from_millis(100)));
+        let mut n = Notifier {
+            ready: false,
+            period,
+            last_status: String::new(),
+        };
+        if no_wait {
+            n.ready();
+        }
+        n
+    }
+
+    fn ready(&mut self) {
+        self.ready = true;
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            warn!("cannot tell systemd the daemon is ready: {e}");
+        }
+    }
+
+    /// Called every `period` (or every 5 s) from the main loop: it stops
+    /// being called, and the watchdog fires, when the loop is stuck.
+    fn tick(&mut self, keys: &[KeyStatus]) {
+        let running = keys
+            .iter()
+            .filter(|k| k.connected && k.state.is_running())
+            .count();
+        if !self.ready && running > 0 {
+            self.ready();
+        }
+        let status = format!(
+            "{running} of {} keys running, {} bytes delivered",
+            keys.len(),
+            keys.iter().map(|k| k.delivered).sum::<u64>()
+        );
+        let mut states = Vec::new();
+        if self.period.is_some() {
+            states.push(sd_notify::NotifyState::Watchdog);
+        }
+        if status != self.last_status {
+            states.push(sd_notify::NotifyState::Status(&status));
+        }
+        if !states.is_empty() {
+            let _ = sd_notify::notify(&states);
+        }
+        self.last_status = status;
+    }
 }
 
 /// Starts the EGD server if asked for: its block queue, its statistics and
@@ -886,7 +986,11 @@ fn start_kernel(
     let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));
     let (tx, rx) = mpsc::channel::<[u8; 32]>(8);
     let st = stats.clone();
-    info!("feeding the kernel, crediting {bits} bits per byte");
+    if bits == 0 {
+        info!("feeding the kernel without credit (--kernel=0)");
+    } else {
+        info!("feeding the kernel, crediting {bits} bits per byte");
+    }
     tokio::spawn(async move {
         if let Err(e) = kernel::run_with(config, rx, st, sink).await {
             warn!("kernel output stopped: {e}");

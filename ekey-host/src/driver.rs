@@ -15,12 +15,23 @@ use tokio::sync::mpsc;
 use crate::transport::Link;
 
 /// One verified 32-byte block and the key it came from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Block {
     /// The key's serial.
     pub serial: Serial,
     /// The plaintext.
     pub data: [u8; 32],
+    /// The key's status, where the output that takes the block books it
+    /// ([`KeyStatus::outputs`]).
+    pub status: SharedStatus,
+}
+
+impl Block {
+    /// Books `bytes` of this block to an output in the key's ledger.
+    pub fn book(&self, bytes: u64, to: impl FnOnce(&mut OutputLedger) -> &mut u64) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        *to(&mut st.outputs) += bytes;
+    }
 }
 
 /// What a status page shows about a key.
@@ -46,6 +57,8 @@ pub struct KeyStatus {
     pub connects: u64,
     /// Bytes handed to the outputs.
     pub delivered: u64,
+    /// Where the key's released bytes went.
+    pub outputs: OutputLedger,
     /// When the driver started.
     pub since: std::time::Instant,
     /// When the link last came up.
@@ -66,6 +79,7 @@ impl KeyStatus {
             connected: false,
             connects: 0,
             delivered: 0,
+            outputs: OutputLedger::default(),
             since: std::time::Instant::now(),
             connected_since: None,
         }
@@ -85,6 +99,34 @@ impl KeyStatus {
             self.counters = Counters::default();
         }
         self.connected = up;
+    }
+}
+
+/// Where a key's released bytes went: each block goes to exactly one
+/// output. Bytes released but not yet handed to an output are queued
+/// ([`OutputLedger::queued`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputLedger {
+    /// Handed to the kernel output (credited, or mixed without credit with
+    /// `--kernel=0`).
+    pub kernel: u64,
+    /// Handed to the EGD server's pool.
+    pub egd: u64,
+    /// Written to `--output`.
+    pub file: u64,
+    /// Taken but not used (beyond `read`'s limit, or no output asked for).
+    pub unused: u64,
+}
+
+impl OutputLedger {
+    /// Bytes handed to any output or left unused.
+    pub fn total(&self) -> u64 {
+        self.kernel + self.egd + self.file + self.unused
+    }
+
+    /// Of `released` bytes, those still on their way to an output.
+    pub fn queued(&self, released: u64) -> u64 {
+        released.saturating_sub(self.total())
     }
 }
 
@@ -311,7 +353,12 @@ async fn deliver(
         match ev {
             Event::Entropy { data, .. } => {
                 let serial = session.serial().unwrap_or_default();
-                if blocks.send(Block { serial, data }).await.is_err() {
+                let block = Block {
+                    serial,
+                    data,
+                    status: status.clone(),
+                };
+                if blocks.send(block).await.is_err() {
                     return Delivered::OutputClosed;
                 }
                 let mut st = status.lock().unwrap_or_else(|p| p.into_inner());

@@ -52,7 +52,8 @@ const NEEDS_ROOT: &str = "feeding the kernel needs root (CAP_SYS_ADMIN)";
 /// How the kernel is fed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelConfig {
-    /// Entropy credited per byte, 1..=8 (default 7).
+    /// Entropy credited per byte, 0..=8 (default 7; 0 mixes bytes in
+    /// without credit).
     pub bits_per_byte: u8,
     /// Pace once the CRNG is initialised (default 10 s).
     pub interval: Duration,
@@ -76,11 +77,11 @@ impl Default for KernelConfig {
 
 impl KernelConfig {
     /// The defaults with `bits_per_byte` credited per byte; rejects values
-    /// outside 1..=8.
+    /// above 8.
     pub fn new(bits_per_byte: u8) -> Result<Self, String> {
-        if !(1..=8).contains(&bits_per_byte) {
+        if bits_per_byte > 8 {
             return Err(format!(
-                "--kernel: {bits_per_byte} bits per byte is out of range (1..=8)"
+                "--kernel: {bits_per_byte} bits per byte is out of range (0..=8)"
             ));
         }
         Ok(KernelConfig {
@@ -457,12 +458,12 @@ mod tests {
 
     #[test]
     fn bits_per_byte_validated() {
-        for bad in [0, 9] {
+        for bad in [9, 200] {
             let err = KernelConfig::new(bad).unwrap_err();
-            assert!(err.contains("out of range (1..=8)"), "{err}");
+            assert!(err.contains("out of range (0..=8)"), "{err}");
             assert!(err.contains(&bad.to_string()), "{err}");
         }
-        for good in 1..=8 {
+        for good in 0..=8 {
             assert_eq!(KernelConfig::new(good).unwrap().bits_per_byte, good);
         }
         assert!(
@@ -562,7 +563,7 @@ mod tests {
     #[test]
     fn credit_is_bits_per_byte_and_never_above_eight() {
         let t0 = Instant::now();
-        for bpb in 1..=8 {
+        for bpb in 0..=8 {
             let mut sink = FakeSink::default();
             let mut feeder = KernelFeeder::new(KernelConfig::new(bpb).unwrap(), t0, false);
             feeder.feed(t0, &mut sink, &[1; 100]).unwrap();
