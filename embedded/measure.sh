@@ -32,6 +32,8 @@ mkdir -p target/measure
 cp "$REL/device-fw" target/measure/device-fw
 cargo build --release --quiet --no-default-features --bin session-fw
 cp "$REL/session-fw" target/measure/session-fw
+cargo build --release --quiet --features usb --bin usb-fw
+cp "$REL/usb-fw" target/measure/usb-fw
 
 have_qemu=no
 if command -v qemu-system-arm >/dev/null 2>&1; then
@@ -41,6 +43,8 @@ if command -v qemu-system-arm >/dev/null 2>&1; then
   CARGO_TARGET_DIR=$PAINT_DIR cargo build --release --quiet --no-default-features \
     --features paint-stack --bin session-fw
   cp "$PAINT_DIR/$TARGET/release/session-fw" target/measure/session-fw.paint
+  CARGO_TARGET_DIR=$PAINT_DIR cargo build --release --quiet --features usb,paint-stack --bin usb-fw
+  cp "$PAINT_DIR/$TARGET/release/usb-fw" target/measure/usb-fw.paint
 fi
 
 # --- ELF helpers -----------------------------------------------------------
@@ -106,21 +110,26 @@ echo "memory.x: $(sed -n 's/^ *FLASH.*LENGTH = \(.*\)$/\1/p' memory.x) flash, $(
 echo
 row binary flash "(.text)" "(input)" "static" "stack" "RAM total" "size_of"
 row "" bytes "" "" "RAM" "(QEMU)" "" "state"
-for bin in session-fw device-fw; do
+for bin in session-fw device-fw usb-fw; do
   elf=target/measure/$bin
   vt=$(section "$elf" .vector_table); tx=$(section "$elf" .text)
   ro=$(section "$elf" .rodata); da=$(section "$elf" .data)
   bs=$(section "$elf" .bss); un=$(section "$elf" .uninit)
   flash=$((vt + tx + ro + da)); ram=$((da + bs + un))
-  if [ "$bin" = session-fw ]; then
-    state_sym='SESSION'; state_name=Session; input=key_to_host.bin
-  else
-    state_sym='DEVICE'; state_name=Device; input=host_to_key.bin
-  fi
+  input=
+  case $bin in
+    session-fw) state_sym='SESSION'; state_name=Session; input=key_to_host.bin ;;
+    device-fw) state_sym='DEVICE'; state_name=Device; input=host_to_key.bin ;;
+    usb-fw) state_sym='CLASS'; state_name=EntropyKeyClass ;;
+  esac
   read -r _ state_size < <(symbol "$elf" "main_trampoline.*$state_sym")
-  # The recorded conversation the firmware replays, part of .rodata.
-  input_file=$(ls -t "$REL"/build/ekey-embedded-*/out/$input | head -n 1)
-  input_len=$(stat -c %s "$input_file")
+  # The recorded conversation the firmware replays, part of .rodata
+  # (usb-fw replays nothing).
+  input_len=0
+  if [ -n "$input" ]; then
+    input_file=$(ls -t "$REL"/build/ekey-embedded-*/out/$input | head -n 1)
+    input_len=$(stat -c %s "$input_file")
+  fi
   stack=n/a; total=n/a
   if [ $have_qemu = yes ]; then
     dump=target/measure/$bin.ram
@@ -129,6 +138,8 @@ for bin in session-fw device-fw; do
       total=$((ram + stack))
       if [ "$bin" = session-fw ]; then
         qemu_note="$bin on QEMU: $(static_value "$elf.paint" 'sink10BLOCKS_OUT' "$dump") entropy blocks released"
+      elif [ "$bin" = usb-fw ]; then
+        qemu_note="$bin on QEMU: idles (no host); stack = construction + an idle poll only, $(static_value "$elf.paint" 'sink10FRAMES_OUT' "$dump") frames"
       else
         qemu_note="$bin on QEMU: $(static_value "$elf.paint" 'sink10FRAMES_OUT' "$dump") frames sent, $(static_value "$elf.paint" 'sink8TX_COUNT' "$dump") bytes"
       fi

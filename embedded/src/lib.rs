@@ -19,6 +19,8 @@
 #[cfg(feature = "device")]
 pub mod device_app;
 pub mod fixture;
+#[cfg(feature = "usb")]
+pub mod register_bus;
 pub mod session_app;
 pub mod sink;
 pub mod transcript;
