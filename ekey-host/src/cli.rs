@@ -94,8 +94,12 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 30)]
         timeout: u64,
     },
-    /// Expose a software key to other programs, on a pty or a Unix socket.
+    /// Expose a software key to other programs, on a pty, a Unix socket or
+    /// an existing tty (a USB gadget's port).
     Emulate(EmulateArgs),
+    /// Keep this machine's kernel fed from an EGD server (a guest without
+    /// virtio-rng, fed by the host's `run --egd-tcp`).
+    Feed(crate::feed::FeedArgs),
     /// Set a key's long-term key with the master key printed on its card,
     /// and store it in the keyring.
     Rekey(RekeyArgs),
@@ -307,6 +311,7 @@ pub fn main() -> ExitCode {
                 run(keys, outputs, Some(Duration::from_secs(timeout))).await
             }
             Command::Emulate(args) => emulate(args).await,
+            Command::Feed(args) => crate::feed::main(args).await,
             Command::Rekey(args) => rekey_command(args).await,
             Command::Keyring { action, keyring } => keyring_command(action, &keyring).await,
         }
