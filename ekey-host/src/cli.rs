@@ -11,6 +11,7 @@ use crate::control;
 use crate::driver::{self, Block, Ended, KeyStatus, SharedStatus};
 use crate::egd;
 use crate::kernel;
+use crate::metrics;
 use crate::keyring::{self, Keyring};
 use crate::soft::{self, DEMO_SERIAL, SoftKey, demo_long_term_key};
 use crate::status;
@@ -18,6 +19,7 @@ use crate::transport::{self, Link};
 use crate::usb;
 use clap::{Args, Parser, Subcommand};
 use ekey_proto::device::DeviceConfig;
+use ekey_proto::health::{GateConfig, Limits};
 use ekey_proto::host::{Config, Event, State};
 use ekey_proto::keys::{LongTermKey, Serial};
 use ekey_proto::rekey::parse_master_key;
@@ -53,6 +55,55 @@ struct KeySources {
     /// Entropy rate of the built-in software key, bytes per second.
     #[arg(long, value_name = "BYTES/S", default_value_t = 4000)]
     rate: u32,
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+/// Bounds of the health gate (the rest of its policy is fixed and
+/// documented in `ekey_proto::health`).
+#[derive(Args, Clone)]
+struct HealthArgs {
+    /// Warn when a key's core temperature leaves this range (°C).
+    #[arg(long, value_name = "MIN:MAX", default_value = "0:70")]
+    temperature_warn: String,
+    /// Close the health gate when a key's core temperature leaves this
+    /// range (°C).
+    #[arg(long, value_name = "MIN:MAX", default_value = "-20:85")]
+    temperature_limit: String,
+    /// Warn when a key's supply voltage leaves this range (V).
+    #[arg(long, value_name = "MIN:MAX", default_value = "3.135:3.465")]
+    voltage_warn: String,
+    /// Close the health gate when a key's supply voltage leaves this range
+    /// (V).
+    #[arg(long, value_name = "MIN:MAX", default_value = "2.97:3.63")]
+    voltage_limit: String,
+}
+
+impl HealthArgs {
+    /// The gate's configuration: the documented defaults with these bounds.
+    fn gate_config(&self) -> Result<GateConfig, String> {
+        let range = |flag: &str, v: &str| -> Result<Limits, String> {
+            let bad = || format!("--{flag} {v}: give MIN:MAX, e.g. 0:70");
+            let (lo, hi) = v.split_once(':').ok_or_else(bad)?;
+            let lo: f64 = lo.trim().parse().map_err(|_| bad())?;
+            let hi: f64 = hi.trim().parse().map_err(|_| bad())?;
+            if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                return Err(format!("--{flag} {v}: MIN must not be above MAX"));
+            }
+            Ok(Limits {
+                min: (lo * 1000.0).round() as i64,
+                max: (hi * 1000.0).round() as i64,
+            })
+        };
+        let config = GateConfig {
+            temperature_warn: range("temperature-warn", &self.temperature_warn)?,
+            temperature_close: range("temperature-limit", &self.temperature_limit)?,
+            voltage_warn: range("voltage-warn", &self.voltage_warn)?,
+            voltage_close: range("voltage-limit", &self.voltage_limit)?,
+            ..GateConfig::default()
+        };
+        Ok(config)
+    }
 }
 
 #[derive(Subcommand)]
@@ -97,6 +148,19 @@ enum Command {
     /// Expose a software key to other programs, on a pty, a Unix socket or
     /// an existing tty (a USB gadget's port).
     Emulate(EmulateArgs),
+    /// Run the health tests (FIPS 140-2, continuous, SP 800-90B) on fresh
+    /// output of the keys and print a report; exit status 0 if every key
+    /// passed, 1 if not.
+    Test {
+        /// How many 20,000-bit blocks to test per key.
+        #[arg(short = 'n', long = "blocks", value_name = "BLOCKS", default_value_t = 20)]
+        blocks: u64,
+        #[command(flatten)]
+        keys: KeySources,
+        /// Give up after this many seconds (default: 30 + 2 per block).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
     /// Keep this machine's kernel fed from an EGD server (a guest without
     /// virtio-rng, fed by the host's `run --egd-tcp`).
     Feed(crate::feed::FeedArgs),
@@ -163,6 +227,9 @@ struct Outputs {
     /// when the first key is keyed.
     #[arg(long)]
     no_wait: bool,
+    /// `test`: stop once every key's gate has tested this many blocks.
+    #[arg(skip)]
+    test_blocks: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -308,6 +375,21 @@ pub fn main() -> ExitCode {
                     limit: Some(count),
                     ..Outputs::default()
                 };
+                run(keys, outputs, Some(Duration::from_secs(timeout))).await
+            }
+            Command::Test {
+                blocks,
+                keys,
+                timeout,
+            } => {
+                if blocks == 0 {
+                    return Err("-n: test at least one block".into());
+                }
+                let outputs = Outputs {
+                    test_blocks: Some(blocks),
+                    ..Outputs::default()
+                };
+                let timeout = timeout.unwrap_or(30 + 2 * blocks);
                 run(keys, outputs, Some(Duration::from_secs(timeout))).await
             }
             Command::Emulate(args) => emulate(args).await,
@@ -470,7 +552,12 @@ fn snapshot(statuses: &SharedStatuses) -> Vec<KeyStatus> {
 
 /// The status entry for a key: a disconnected entry with the same serial
 /// is reused (a re-plugged key keeps its history), else a new one.
-fn add_status(statuses: &SharedStatuses, transport: String, serial: Option<&str>) -> SharedStatus {
+fn add_status(
+    statuses: &SharedStatuses,
+    transport: String,
+    serial: Option<&str>,
+    gate: GateConfig,
+) -> SharedStatus {
     let mut list = statuses.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(serial) = serial {
         for st in list.iter() {
@@ -481,7 +568,7 @@ fn add_status(statuses: &SharedStatuses, transport: String, serial: Option<&str>
             }
         }
     }
-    let st = Arc::new(Mutex::new(KeyStatus::new(transport)));
+    let st = Arc::new(Mutex::new(KeyStatus::with_gate(transport, gate)));
     list.push(st.clone());
     st
 }
@@ -490,7 +577,12 @@ fn add_status(statuses: &SharedStatuses, transport: String, serial: Option<&str>
 /// gets a USB port reset (it then re-enumerates and comes back through
 /// hot-plug).
 fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses) {
-    let status = add_status(statuses, usb::describe(&info), info.serial_number());
+    let status = add_status(
+        statuses,
+        usb::describe(&info),
+        info.serial_number(),
+        ctx.gate,
+    );
     let mut ctx = ctx.clone();
     tokio::spawn(async move {
         let where_ = usb::describe(&info);
@@ -549,6 +641,7 @@ async fn wait_until_resumed(ctx: &mut Ctx, status: &SharedStatus) {
 /// What every key task shares.
 #[derive(Clone)]
 struct Ctx {
+    gate: GateConfig,
     ring: SharedKeyring,
     tx: mpsc::Sender<Block>,
     fail_tx: mpsc::UnboundedSender<(String, String)>,
@@ -567,8 +660,10 @@ async fn run(
         output,
         limit,
         control,
+        test_blocks,
         ..
     } = outputs.clone();
+    let mut tested = false;
     let is_read = read_timeout.is_some();
     let (egd_tx, egd_stats, egd_unix_path) = start_egd(&outputs).await?;
     if outputs.kernel.is_some() && keys.emulate {
@@ -586,6 +681,7 @@ async fn run(
     let (reload_tx, reload_rx) = tokio::sync::watch::channel(0u64);
     let (released_tx, released_rx) = tokio::sync::watch::channel(Arc::new(BTreeSet::new()));
     let ctx = Ctx {
+        gate: keys.health.gate_config()?,
         ring: ring.clone(),
         tx,
         fail_tx,
@@ -598,11 +694,11 @@ async fn run(
     let statuses: SharedStatuses = Arc::new(Mutex::new(Vec::new()));
 
     for path in &keys.devices {
-        let status = add_status(&statuses, path.display().to_string(), None);
+        let status = add_status(&statuses, path.display().to_string(), None, ctx.gate);
         tokio::spawn(keep_device(path.clone(), ctx.clone(), status));
     }
     if keys.emulate {
-        let status = add_status(&statuses, "built-in software key".into(), None);
+        let status = add_status(&statuses, "built-in software key".into(), None, ctx.gate);
         let (host_end, mut key_end) = tokio::io::duplex(4096);
         let slot = soft::slot_for_rate(keys.rate);
         info!(
@@ -688,7 +784,33 @@ async fn run(
         }
     }
 
+    if let Some(addr) = &outputs.metrics {
+        let listener = egd::bind_tcp(addr)
+            .await
+            .map_err(|e| format!("--metrics {addr}: {e}"))?;
+        if let Ok(a) = listener.local_addr() {
+            info!("metrics on http://{a}/metrics");
+        }
+        let statuses = statuses.clone();
+        let (egd, kernel) = (egd_stats.clone(), kernel_stats.clone());
+        let file = out.as_ref().map(|o| o.written.clone());
+        let kernel_bits_per_byte = outputs.kernel.unwrap_or(0);
+        tokio::spawn(metrics::serve(listener, move || metrics::Snapshot {
+            keys: snapshot(&statuses),
+            egd: egd
+                .as_ref()
+                .map(|e| e.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            kernel: kernel
+                .as_ref()
+                .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            kernel_bits_per_byte,
+            file_bytes: file
+                .as_ref()
+                .map_or(0, |w| w.load(std::sync::atomic::Ordering::Relaxed)),
+        }));
+    }
     let live = io::stderr().is_terminal() && !is_read;
+    let mut gate_tick = tokio::time::interval(Duration::from_millis(250));
     let mut status_tick = tokio::time::interval(Duration::from_millis(500));
     // systemd (Type=notify): READY=1 once a key is keyed (or at once with
     // --no-wait), WATCHDOG=1 from this loop while it turns, STATUS= lines.
@@ -761,6 +883,28 @@ async fn run(
                     block.book(32 - take, |o| &mut o.unused);
                 }
             }
+            _ = gate_tick.tick(), if is_read => {
+                if let Some(n) = test_blocks {
+                    let keys = snapshot(&statuses);
+                    let done = keys.iter().filter(|k| k.gate.counters.blocks_tested >= n).count();
+                    if done + failures.len() >= sources && done > 0 {
+                        tested = true;
+                        break;
+                    }
+                    continue;
+                }
+                // `read` gives up on a key whose health gate closed.
+                for st in snapshot(&statuses) {
+                    if !st.gate.open {
+                        let serial = st.serial.map_or_else(|| "?".to_string(), |s| s.to_string());
+                        let why = st.gate.reason.map_or_else(String::new, |r| format!(": {r}"));
+                        failures.insert(st.transport.clone(), format!("key {serial}: health gate closed{why}"));
+                    }
+                }
+                if failures.len() >= sources {
+                    break;
+                }
+            }
             f = fail_rx.recv(), if is_read && fail_open => {
                 let Some((source, reason)) = f else {
                     fail_open = false;
@@ -829,6 +973,34 @@ async fn run(
     if let Some(e) = output_error {
         return Err(format!("cannot write output: {e}"));
     }
+    if let Some(n) = test_blocks {
+        while let Ok((source, reason)) = fail_rx.try_recv() {
+            failures.insert(source, reason);
+        }
+        let keys = snapshot(&statuses);
+        let mut verdict = tested;
+        for k in keys.iter().filter(|k| k.gate.counters.blocks_tested > 0) {
+            let (report, pass) = test_report(k, n);
+            print!("{report}");
+            verdict &= pass;
+        }
+        let _ = io::stdout().flush();
+        if !tested {
+            let mut reasons: Vec<String> = failures.into_values().collect();
+            if interrupted {
+                reasons.push("interrupted".into());
+            }
+            if reasons.is_empty() {
+                reasons.push("the keys stopped before enough blocks were tested".into());
+            }
+            return Err(format!("test incomplete: {}", reasons.join("; ")));
+        }
+        return if verdict {
+            Ok(())
+        } else {
+            Err("test FAILED (see the report)".into())
+        };
+    }
     if is_read && limit.is_some_and(|l| written < l) {
         while let Ok((source, reason)) = fail_rx.try_recv() {
             failures.insert(source, reason);
@@ -853,6 +1025,66 @@ async fn run(
         });
     }
     Ok(())
+}
+
+/// `ekey-host test`'s report on one key, like rngtest's, and whether the
+/// key passed: its health gate never closed while `blocks` were tested.
+fn test_report(k: &KeyStatus, blocks: u64) -> (String, bool) {
+    use std::fmt::Write as _;
+    let g = &k.gate;
+    let c = &g.counters;
+    let serial = k.serial.map_or_else(|| "?".to_string(), |s| s.to_string());
+    let mut r = String::new();
+    let _ = writeln!(r, "key {serial} via {}", k.transport);
+    let _ = writeln!(
+        r,
+        "  bits tested:                   {} ({} blocks of 20,000; asked for {blocks})",
+        c.blocks_tested * 20_000,
+        c.blocks_tested
+    );
+    let _ = writeln!(
+        r,
+        "  blocks passed:                 {}",
+        c.blocks_tested - c.blocks_failed
+    );
+    let _ = writeln!(r, "  blocks failed:                 {}", c.blocks_failed);
+    let _ = writeln!(r, "  FIPS 140-2 monobit:            {}", c.monobit_failures);
+    let _ = writeln!(r, "  FIPS 140-2 poker:              {}", c.poker_failures);
+    let _ = writeln!(r, "  FIPS 140-2 runs:               {}", c.runs_failures);
+    let _ = writeln!(r, "  FIPS 140-2 long run:           {}", c.long_run_failures);
+    let _ = writeln!(r, "  continuous (32-byte blocks):   {}", c.continuous_failures);
+    let _ = writeln!(r, "  SP 800-90B repetition count:   {}", c.rct_failures);
+    let _ = writeln!(r, "  SP 800-90B adaptive proportion: {}", c.apt_failures);
+    if let Some(f) = k.info.fips {
+        let _ = writeln!(
+            r,
+            "  the key's own FIPS 140-2:      {} blocks, {} failed",
+            f.blocks, f.failures
+        );
+    }
+    if let (Some(t), Some(v)) = (k.info.temperature, k.info.voltage) {
+        let _ = writeln!(
+            r,
+            "  readings:                      {:.1} °C, {:.3} V",
+            t.celsius(),
+            v.volts()
+        );
+    }
+    if g.warnings.any() {
+        let _ = writeln!(r, "  warnings:                      {}", g.warnings);
+    }
+    let pass = c.times_closed == 0 && g.open && c.blocks_tested >= blocks;
+    let verdict = if pass {
+        "PASS (failures within chance; the health gate stayed open)".to_string()
+    } else if let Some(reason) = g.reason {
+        format!("FAIL (health gate closed: {reason})")
+    } else if c.times_closed > 0 {
+        format!("FAIL (the health gate closed {} times)", c.times_closed)
+    } else {
+        "FAIL (too few blocks tested)".to_string()
+    };
+    let _ = writeln!(r, "  verdict:                       {verdict}");
+    (r, pass)
 }
 
 /// What the daemon tells systemd.

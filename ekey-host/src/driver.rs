@@ -6,6 +6,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ekey_proto::health::{Gate, GateConfig, GateStatus};
 use ekey_proto::host::{Config, Counters, DeviceInfo, Event, KeyLookup, Reason, Session, State};
 use ekey_proto::keys::Serial;
 use ekey_proto::time::Instant;
@@ -55,8 +56,13 @@ pub struct KeyStatus {
     pub connected: bool,
     /// How many times the link came up.
     pub connects: u64,
-    /// Bytes handed to the outputs.
+    /// Bytes handed to the outputs (released by the health gate).
     pub delivered: u64,
+    /// The health gate between this key and the outputs, as last seen.
+    pub gate: GateStatus,
+    /// The gate itself: it outlives a session (a re-plugged key keeps its
+    /// history and its half-tested block).
+    pub gate_handle: SharedGate,
     /// Where the key's released bytes went.
     pub outputs: OutputLedger,
     /// When the driver started.
@@ -66,9 +72,18 @@ pub struct KeyStatus {
 }
 
 impl KeyStatus {
-    /// A fresh status for a key attached through `transport`.
+    /// A fresh status for a key attached through `transport`, with the
+    /// default health gate.
     pub fn new(transport: impl Into<String>) -> Self {
+        Self::with_gate(transport, GateConfig::default())
+    }
+
+    /// A fresh status with a health gate configured so.
+    pub fn with_gate(transport: impl Into<String>, gate: GateConfig) -> Self {
+        let gate = Gate::new(gate);
         KeyStatus {
+            gate: gate.status(),
+            gate_handle: Arc::new(Mutex::new(gate)),
             transport: transport.into(),
             serial: None,
             state: State::Resetting,
@@ -129,6 +144,9 @@ impl OutputLedger {
         released.saturating_sub(self.total())
     }
 }
+
+/// A key's health gate, shared by its successive sessions.
+pub type SharedGate = Arc<Mutex<Gate>>;
 
 /// Shared, updated status of one key.
 pub type SharedStatus = Arc<Mutex<KeyStatus>>;
@@ -325,6 +343,41 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Logs a gate opening or closing.
+fn log_gate_change(serial: Serial, before: bool, gate: &Gate) {
+    match (before, gate.is_open()) {
+        (true, false) => tracing::warn!(
+            "key {serial}: health gate closed ({}): its output is discarded until the \
+             cause is gone and {} clean blocks pass",
+            gate.status()
+                .reason
+                .map_or_else(|| "?".to_string(), |r| r.to_string()),
+            gate.config().reopen_after
+        ),
+        (false, true) => tracing::info!("key {serial}: health gate open again"),
+        _ => {}
+    }
+}
+
+/// The tests a block failed, for the log: "monobit, poker".
+pub fn failed_tests(r: &ekey_proto::health::BlockReport) -> String {
+    let all = [
+        (!r.fips.monobit_ok, "monobit"),
+        (!r.fips.poker_ok, "poker"),
+        (!r.fips.runs_ok, "runs"),
+        (!r.fips.long_run_ok, "long run"),
+        (!r.continuous_ok, "continuous"),
+        (!r.rct_ok, "repetition count"),
+        (!r.apt_ok, "adaptive proportion"),
+    ];
+    let names: Vec<&str> = all.iter().filter(|(f, _)| *f).map(|(_, n)| *n).collect();
+    if names.is_empty() {
+        "no test".into()
+    } else {
+        names.join(", ")
+    }
+}
+
 /// Hands the session's events out.
 async fn deliver(
     session: &mut Session,
@@ -352,17 +405,60 @@ async fn deliver(
         }
         match ev {
             Event::Entropy { data, .. } => {
+                // Through the health gate: bytes come out only in tested
+                // blocks that passed while the gate is open.
                 let serial = session.serial().unwrap_or_default();
-                let block = Block {
-                    serial,
-                    data,
-                    status: status.clone(),
+                let gate_handle = status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .gate_handle
+                    .clone();
+                let (released, before, after) = {
+                    let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
+                    let before = gate.is_open();
+                    let report = gate.push(&data);
+                    let mut released = zeroize::Zeroizing::new(Vec::new());
+                    while let Some(b) = gate.pop_released() {
+                        released.push(b);
+                    }
+                    if let Some(r) = report.filter(|r| !r.passed()) {
+                        tracing::info!(
+                            "key {serial}: a block of 20,000 bits failed {} and was discarded",
+                            failed_tests(&r)
+                        );
+                    }
+                    log_gate_change(serial, before, &gate);
+                    (released, before, gate.status())
                 };
-                if blocks.send(block).await.is_err() {
-                    return Delivered::OutputClosed;
+                let _ = before;
+                status.lock().unwrap_or_else(|p| p.into_inner()).gate = after;
+                for data in released.iter() {
+                    let block = Block {
+                        serial,
+                        data: *data,
+                        status: status.clone(),
+                    };
+                    if blocks.send(block).await.is_err() {
+                        return Delivered::OutputClosed;
+                    }
+                    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.delivered += data.len() as u64;
                 }
+            }
+            Event::Info(_) => {
+                let serial = session.serial().unwrap_or_default();
                 let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-                st.delivered += data.len() as u64;
+                let after = {
+                    let mut gate = st.gate_handle.lock().unwrap_or_else(|p| p.into_inner());
+                    let before = gate.is_open();
+                    gate.observe(session.info());
+                    log_gate_change(serial, before, &gate);
+                    gate.status()
+                };
+                if after.warnings.any() && !st.gate.warnings.any() {
+                    tracing::warn!("key {serial}: {}", after.warnings);
+                }
+                st.gate = after;
             }
             Event::Unresponsive { .. } => result = Delivered::Unresponsive,
             _ => {}

@@ -1,1 +1,358 @@
-//! Prometheus metrics (to be written).
+//! Prometheus metrics (`ekey-host run --metrics ADDR:PORT`).
+//!
+//! Every scrape builds a fresh registry from a snapshot of the daemon's
+//! status (the same numbers `ekey-host status --json` shows), so the
+//! figures are consistent with each other and nothing is counted twice.
+//! Served as the Prometheus text format (0.0.4) on `GET /metrics`.
+//!
+//! Names are prefixed `ekey_`. Per-key series carry `serial` (PEM64, `?`
+//! until the key has said it) and `transport` labels. Byte counters of a key
+//! add up: `ekey_key_bytes_received_total` = the sum over `fate` of
+//! `ekey_key_bytes_total` (released to an output, discarded by the health
+//! gate, waiting in the gate), and the released bytes split by `output` in
+//! `ekey_key_output_bytes_total`.
+
+use std::convert::Infallible;
+use std::sync::atomic::AtomicU64;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::driver::KeyStatus;
+use crate::egd::EgdStats;
+use crate::kernel::KernelStats;
+
+/// What one scrape shows.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Every key the daemon drives (or drove).
+    pub keys: Vec<KeyStatus>,
+    /// The EGD server's counters, if it runs.
+    pub egd: Option<EgdStats>,
+    /// The kernel output's counters, if it runs.
+    pub kernel: Option<KernelStats>,
+    /// Bits credited per byte by the kernel output.
+    pub kernel_bits_per_byte: u8,
+    /// Bytes written to `--output`.
+    pub file_bytes: u64,
+}
+
+type Labels = Vec<(String, String)>;
+
+fn key_labels(k: &KeyStatus) -> Labels {
+    vec![
+        (
+            "serial".into(),
+            k.serial.map_or_else(|| "?".into(), |s| s.to_string()),
+        ),
+        ("transport".into(), k.transport.clone()),
+    ]
+}
+
+fn with(mut l: Labels, name: &str, value: &str) -> Labels {
+    l.push((name.into(), value.into()));
+    l
+}
+
+/// Counters and gauges of one name, registered on first use.
+struct Metrics<'r> {
+    reg: &'r mut Registry,
+}
+
+impl Metrics<'_> {
+    fn counter(&mut self, name: &str, help: &str) -> Family<Labels, Counter> {
+        let f = Family::<Labels, Counter>::default();
+        self.reg.register(name, help, f.clone());
+        f
+    }
+
+    fn gauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge> {
+        let f = Family::<Labels, Gauge>::default();
+        self.reg.register(name, help, f.clone());
+        f
+    }
+
+    fn fgauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge<f64, AtomicU64>> {
+        let f = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        self.reg.register(name, help, f.clone());
+        f
+    }
+}
+
+fn set(f: &Family<Labels, Gauge>, l: &Labels, v: i64) {
+    f.get_or_create(l).set(v);
+}
+
+fn add(f: &Family<Labels, Counter>, l: &Labels, v: u64) {
+    f.get_or_create(l).inc_by(v);
+}
+
+fn fset(f: &Family<Labels, Gauge<f64, AtomicU64>>, l: &Labels, v: f64) {
+    f.get_or_create(l).set(v);
+}
+
+/// The registry for one scrape.
+pub fn registry(s: &Snapshot) -> Registry {
+    let mut reg = Registry::with_prefix("ekey");
+    let mut m = Metrics { reg: &mut reg };
+    let up = m.gauge("key_up", "1 while the key is attached and keyed");
+    let state = m.gauge("key_state", "1 for the state the key's session is in");
+    let connects = m.counter("key_connects", "Times the key's link came up");
+    let temp = m.fgauge("key_temperature_celsius", "The key's core temperature");
+    let volts = m.fgauge("key_voltage_volts", "The key's supply voltage");
+    let shannon = m.fgauge(
+        "key_shannons_per_byte",
+        "The key's entropy estimate per byte, per generator stream",
+    );
+    let dev_blocks = m.counter(
+        "key_device_fips_blocks",
+        "FIPS 140-2 blocks the key tested itself (since its reset)",
+    );
+    let dev_fail = m.counter(
+        "key_device_fips_failures",
+        "FIPS 140-2 failures the key reports, by test (since its reset)",
+    );
+    let host_blocks = m.counter(
+        "key_host_fips_blocks",
+        "20,000-bit blocks of verified output the host's health gate tested",
+    );
+    let host_fail = m.counter(
+        "key_host_health_failures",
+        "Health test failures found by the host's gate, by test",
+    );
+    let gate_open = m.gauge(
+        "key_gate_open",
+        "1 while the host's health gate lets the key's output through",
+    );
+    let gate_closures = m.counter("key_gate_closures", "Times the health gate closed");
+    let gate_warn = m.gauge(
+        "key_gate_warning",
+        "1 while a reading (temperature, voltage) is outside its warning bounds",
+    );
+    let macs = m.counter("key_mac_failures", "Frames whose MAC failed (dropped)");
+    let framing = m.counter("key_framing_errors", "Bytes skipped to find frames");
+    let replays = m.counter("key_replays_dropped", "Replayed frames dropped");
+    let rekeys = m.counter("key_rekeys", "Session re-keys");
+    let resets = m.counter("key_resets", "Resets sent to the key");
+    let received = m.counter(
+        "key_bytes_received",
+        "Verified, decrypted bytes the key delivered",
+    );
+    let fate = m.counter(
+        "key_bytes",
+        "Verified bytes by fate: released (passed the gate), discarded (failed or gate closed)",
+    );
+    let pending = m.gauge(
+        "key_bytes_pending",
+        "Verified bytes waiting in the gate for their block to be tested",
+    );
+    let per_output = m.counter(
+        "key_output_bytes",
+        "Released bytes of the key by the output they were handed to",
+    );
+    for k in &s.keys {
+        let l = key_labels(k);
+        let c = k.totals();
+        set(&up, &l, i64::from(k.connected && k.state.is_running()));
+        set(&state, &with(l.clone(), "state", &k.state.to_string()), 1);
+        add(&connects, &l, k.connects);
+        if let Some(t) = k.info.temperature {
+            fset(&temp, &l, t.millicelsius() as f64 / 1000.0);
+        }
+        if let Some(v) = k.info.voltage {
+            fset(&volts, &l, f64::from(v.millivolts) / 1000.0);
+        }
+        if let Some(sh) = k.info.shannon {
+            for (name, v) in [
+                ("raw_left", sh.left_per_byte()),
+                ("raw_right", sh.right_per_byte()),
+                ("raw_xor", sh.xor_per_byte()),
+                ("debiased_left", sh.debiased_left_per_byte()),
+                ("debiased_right", sh.debiased_right_per_byte()),
+            ] {
+                if let Some(v) = v {
+                    fset(&shannon, &with(l.clone(), "stream", name), f64::from(v));
+                }
+            }
+        }
+        if let Some(f) = k.info.fips {
+            add(&dev_blocks, &l, u64::from(f.blocks));
+            for (name, v) in [
+                ("any", f.failures),
+                ("monobit", f.monobit),
+                ("poker", f.poker),
+                ("runs", f.runs),
+            ] {
+                add(&dev_fail, &with(l.clone(), "test", name), u64::from(v));
+            }
+        }
+        let g = &k.gate;
+        let gc = &g.counters;
+        add(&host_blocks, &l, gc.blocks_tested);
+        for (name, v) in [
+            ("any", gc.blocks_failed),
+            ("monobit", gc.monobit_failures),
+            ("poker", gc.poker_failures),
+            ("runs", gc.runs_failures),
+            ("long_run", gc.long_run_failures),
+            ("continuous", gc.continuous_failures),
+            ("repetition_count", gc.rct_failures),
+            ("adaptive_proportion", gc.apt_failures),
+        ] {
+            add(&host_fail, &with(l.clone(), "test", name), v);
+        }
+        set(&gate_open, &l, i64::from(g.open));
+        set(&gate_warn, &l, i64::from(g.warnings.any()));
+        add(&gate_closures, &l, gc.times_closed);
+        add(&macs, &l, c.bad_macs);
+        add(&framing, &l, c.framing_errors);
+        add(&replays, &l, c.replays);
+        add(&rekeys, &l, c.rekeys);
+        add(&resets, &l, c.resets);
+        add(&received, &l, g.counters.bytes_received);
+        add(
+            &fate,
+            &with(l.clone(), "fate", "released"),
+            g.counters.bytes_released,
+        );
+        add(
+            &fate,
+            &with(l.clone(), "fate", "discarded"),
+            g.counters.bytes_discarded,
+        );
+        set(
+            &pending,
+            &l,
+            (g.counters.bytes_pending + g.counters.bytes_buffered) as i64,
+        );
+        for (name, v) in [
+            ("kernel", k.outputs.kernel),
+            ("egd", k.outputs.egd),
+            ("file", k.outputs.file),
+            ("unused", k.outputs.unused),
+            ("queued", k.outputs.queued(g.counters.bytes_released)),
+        ] {
+            add(&per_output, &with(l.clone(), "output", name), v);
+        }
+    }
+
+    let out_bytes = m.counter(
+        "output_bytes",
+        "Bytes each output passed on (kernel: mixed into the pool; egd: served to clients; file: written)",
+    );
+    add(
+        &out_bytes,
+        &vec![("output".into(), "file".into())],
+        s.file_bytes,
+    );
+    if let Some(k) = &s.kernel {
+        let bits = m.counter("kernel_bits_credited", "Entropy bits credited to the kernel");
+        let uncredited = m.counter(
+            "kernel_bytes_uncredited",
+            "Bytes mixed into the kernel's pool without credit",
+        );
+        let failures = m.counter("kernel_ioctl_failures", "RNDADDENTROPY calls that failed");
+        add(
+            &out_bytes,
+            &vec![("output".into(), "kernel".into())],
+            k.bytes_written,
+        );
+        add(&bits, &Vec::new(), k.bits_credited);
+        let none = if s.kernel_bits_per_byte == 0 {
+            k.bytes_written
+        } else {
+            0
+        };
+        add(&uncredited, &Vec::new(), none);
+        add(&failures, &Vec::new(), k.ioctl_failures);
+    }
+    if let Some(e) = &s.egd {
+        let clients = m.gauge("egd_clients", "EGD clients connected now");
+        let total = m.counter("egd_connections", "EGD clients accepted");
+        let rejected = m.counter("egd_rejected_clients", "EGD clients refused (too many)");
+        add(
+            &out_bytes,
+            &vec![("output".into(), "egd".into())],
+            e.total_served,
+        );
+        set(&clients, &Vec::new(), e.clients.len() as i64);
+        add(&total, &Vec::new(), e.total_clients);
+        add(&rejected, &Vec::new(), e.rejected_clients);
+    }
+    reg
+}
+
+/// The Prometheus text for `s`.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, &registry(s));
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped;
+/// `snapshot` is asked once per scrape.
+pub async fn serve<F>(listener: TcpListener, snapshot: F)
+where
+    F: Fn() -> Snapshot + Clone + Send + Sync + 'static,
+{
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let snapshot = snapshot.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &snapshot)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // A scraper that hangs is dropped after a while.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+fn answer<B>(req: &Request<B>, snapshot: &impl Fn() -> Snapshot) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (
+            StatusCode::OK,
+            prometheus_text::CONTENT_TYPE,
+            render(&snapshot()),
+        ),
+        (&hyper::Method::GET, "/") => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "ekey-host: metrics at /metrics\n".to_string(),
+        ),
+        (&hyper::Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found; try /metrics\n".to_string(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "only GET\n".to_string(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}

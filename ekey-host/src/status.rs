@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use crate::driver::KeyStatus;
+use ekey_proto::health::GateStatus;
 
 fn opt_f32(v: Option<f32>) -> Value {
     v.map_or(Value::Null, |x| {
@@ -56,6 +57,53 @@ pub fn key_json(st: &KeyStatus, now: Instant) -> Value {
         "long_term_key_rejections": c.long_term_key_rejections,
         "warnings": c.warnings,
         "frames": c.frames,
+        "health_gate": gate_json(&st.gate),
+        "accounting": accounting_json(st),
+    })
+}
+
+/// The health gate's state and counters.
+pub fn gate_json(g: &GateStatus) -> Value {
+    let c = &g.counters;
+    json!({
+        "open": g.open,
+        "reason": g.reason.map(|r| r.to_string()),
+        "condition_active": g.condition_active,
+        "clean_blocks": g.clean_blocks,
+        "failures_in_window": g.failures_in_window,
+        "warnings": g.warnings.any().then(|| g.warnings.to_string()),
+        "blocks_tested": c.blocks_tested,
+        "blocks_failed": c.blocks_failed,
+        "failures": {
+            "monobit": c.monobit_failures,
+            "poker": c.poker_failures,
+            "runs": c.runs_failures,
+            "long_run": c.long_run_failures,
+            "continuous": c.continuous_failures,
+            "repetition_count": c.rct_failures,
+            "adaptive_proportion": c.apt_failures,
+        },
+        "times_closed": c.times_closed,
+    })
+}
+
+/// Where a key's verified bytes went. `received` = `discarded` +
+/// `in_gate` + the outputs + `queued` (released, not yet taken by an
+/// output); at each output the bytes are credited to the kernel (or mixed
+/// without credit with `--kernel=0`), served over EGD, or written.
+pub fn accounting_json(st: &KeyStatus) -> Value {
+    let c = &st.gate.counters;
+    let o = &st.outputs;
+    json!({
+        "received": c.bytes_received,
+        "discarded": c.bytes_discarded,
+        "in_gate": c.bytes_pending + c.bytes_buffered,
+        "released": c.bytes_released,
+        "to_kernel": o.kernel,
+        "to_egd": o.egd,
+        "to_file": o.file,
+        "unused": o.unused,
+        "queued": o.queued(c.bytes_released),
     })
 }
 
@@ -150,6 +198,33 @@ pub fn render(doc: &Value) -> String {
                 num(&s["debiased_right"], "", 2)
             );
         }
+        let g = &k["health_gate"];
+        let gate = if g["open"].as_bool() == Some(false) {
+            format!("CLOSED: {}", g["reason"].as_str().unwrap_or("?"))
+        } else {
+            "open".into()
+        };
+        let _ = writeln!(
+            out,
+            "  gate         {gate}; {} blocks tested, {} failed, closed {} times{}",
+            g["blocks_tested"],
+            g["blocks_failed"],
+            g["times_closed"],
+            g["warnings"]
+                .as_str()
+                .map_or_else(String::new, |w| format!("; WARNING: {w}"))
+        );
+        let a = &k["accounting"];
+        let _ = writeln!(
+            out,
+            "  bytes        {} received, {} discarded, {} in the gate; to kernel {}, EGD {}, file {}",
+            human_bytes(a["received"].as_u64().unwrap_or(0)),
+            human_bytes(a["discarded"].as_u64().unwrap_or(0)),
+            human_bytes(a["in_gate"].as_u64().unwrap_or(0)),
+            human_bytes(a["to_kernel"].as_u64().unwrap_or(0)),
+            human_bytes(a["to_egd"].as_u64().unwrap_or(0)),
+            human_bytes(a["to_file"].as_u64().unwrap_or(0)),
+        );
         let _ = writeln!(
             out,
             "  entropy      {} delivered, {} B/s",

@@ -10,8 +10,14 @@ const RING: &str = "# two software keys, same long-term key\n\
 RW11bGF0ZWRLZXkx Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n\
 QUFBQUFBQUFBQUFB Xl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl5eXl4=\n";
 
+/// A software key with its own noise seed: each key's stream is fixed, so a
+/// block failing the health tests by chance (and being discarded) would
+/// fail every run, never flake.
 fn key(dir: &Scratch, sock: &str, serial: &str, record: &str) -> Emulator {
+    let seed = format!("{:0>64}", hex_of(record));
     Emulator::start(&[
+        "--noise-seed",
+        &seed,
         "--unix",
         dir.path(sock).to_str().unwrap(),
         "--serial",
@@ -32,12 +38,18 @@ fn key_status<'a>(doc: &'a serde_json::Value, serial: &str) -> &'a serde_json::V
         .unwrap_or_else(|| panic!("no key {serial} in {doc}"))
 }
 
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `part` (the blocks of one key instance, in output order) is its record,
-/// except perhaps the record's last block (sent as the key was stopped).
+/// except perhaps its tail: the health gate holds bytes back until a whole
+/// 20,000-bit block is tested (at most 2,500 bytes, 79 blocks), and a block
+/// may have been in flight as the key was stopped.
 fn assert_whole_record(part: &[[u8; 32]], record: &[[u8; 32]], what: &str) {
     assert!(!part.is_empty(), "{what}: nothing delivered");
     assert!(
-        part.len() == record.len() || part.len() + 1 == record.len(),
+        part.len() <= record.len() && part.len() + 80 >= record.len(),
         "{what}: {} of {} blocks delivered",
         part.len(),
         record.len()
