@@ -11,8 +11,8 @@ use crate::control;
 use crate::driver::{self, Block, Ended, KeyStatus, SharedStatus};
 use crate::egd;
 use crate::kernel;
-use crate::metrics;
 use crate::keyring::{self, Keyring};
+use crate::metrics;
 use crate::soft::{self, DEMO_SERIAL, SoftKey, demo_long_term_key};
 use crate::status;
 use crate::transport::{self, Link};
@@ -153,7 +153,12 @@ enum Command {
     /// passed, 1 if not.
     Test {
         /// How many 20,000-bit blocks to test per key.
-        #[arg(short = 'n', long = "blocks", value_name = "BLOCKS", default_value_t = 20)]
+        #[arg(
+            short = 'n',
+            long = "blocks",
+            value_name = "BLOCKS",
+            default_value_t = 20
+        )]
         blocks: u64,
         #[command(flatten)]
         keys: KeySources,
@@ -1051,8 +1056,16 @@ fn test_report(k: &KeyStatus, blocks: u64) -> (String, bool) {
     let _ = writeln!(r, "  FIPS 140-2 monobit:            {}", c.monobit_failures);
     let _ = writeln!(r, "  FIPS 140-2 poker:              {}", c.poker_failures);
     let _ = writeln!(r, "  FIPS 140-2 runs:               {}", c.runs_failures);
-    let _ = writeln!(r, "  FIPS 140-2 long run:           {}", c.long_run_failures);
-    let _ = writeln!(r, "  continuous (32-byte blocks):   {}", c.continuous_failures);
+    let _ = writeln!(
+        r,
+        "  FIPS 140-2 long run:           {}",
+        c.long_run_failures
+    );
+    let _ = writeln!(
+        r,
+        "  continuous (32-byte blocks):   {}",
+        c.continuous_failures
+    );
     let _ = writeln!(r, "  SP 800-90B repetition count:   {}", c.rct_failures);
     let _ = writeln!(r, "  SP 800-90B adaptive proportion: {}", c.apt_failures);
     if let Some(f) = k.info.fips {

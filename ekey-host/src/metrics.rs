@@ -253,7 +253,10 @@ pub fn registry(s: &Snapshot) -> Registry {
         s.file_bytes,
     );
     if let Some(k) = &s.kernel {
-        let bits = m.counter("kernel_bits_credited", "Entropy bits credited to the kernel");
+        let bits = m.counter(
+            "kernel_bits_credited",
+            "Entropy bits credited to the kernel",
+        );
         let uncredited = m.counter(
             "kernel_bytes_uncredited",
             "Bytes mixed into the kernel's pool without credit",

@@ -57,6 +57,7 @@ pub fn key_json(st: &KeyStatus, now: Instant) -> Value {
         "long_term_key_rejections": c.long_term_key_rejections,
         "warnings": c.warnings,
         "frames": c.frames,
+        "entropy_blocks": c.blocks,
         "health_gate": gate_json(&st.gate),
         "accounting": accounting_json(st),
     })
