@@ -413,7 +413,7 @@ async fn deliver(
                     .unwrap_or_else(|p| p.into_inner())
                     .gate_handle
                     .clone();
-                let (released, before, after) = {
+                let (released, after) = {
                     let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
                     let before = gate.is_open();
                     let report = gate.push(&data);
@@ -428,9 +428,8 @@ async fn deliver(
                         );
                     }
                     log_gate_change(serial, before, &gate);
-                    (released, before, gate.status())
+                    (released, gate.status())
                 };
-                let _ = before;
                 status.lock().unwrap_or_else(|p| p.into_inner()).gate = after;
                 for data in released.iter() {
                     let block = Block {
