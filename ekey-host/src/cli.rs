@@ -1043,48 +1043,55 @@ fn test_report(k: &KeyStatus, blocks: u64) -> (String, bool) {
     let _ = writeln!(r, "key {serial} via {}", k.transport);
     let _ = writeln!(
         r,
-        "  bits tested:                   {} ({} blocks of 20,000; asked for {blocks})",
+        "  {:<32}{} ({} blocks of 20,000; asked for {blocks})",
+        "bits tested:",
         c.blocks_tested * 20_000,
         c.blocks_tested
     );
     let _ = writeln!(
         r,
-        "  blocks passed:                 {}",
+        "  {:<32}{}",
+        "blocks passed:",
         c.blocks_tested - c.blocks_failed
     );
-    let _ = writeln!(r, "  blocks failed:                 {}", c.blocks_failed);
-    let _ = writeln!(r, "  FIPS 140-2 monobit:            {}", c.monobit_failures);
-    let _ = writeln!(r, "  FIPS 140-2 poker:              {}", c.poker_failures);
-    let _ = writeln!(r, "  FIPS 140-2 runs:               {}", c.runs_failures);
+    let _ = writeln!(r, "  {:<32}{}", "blocks failed:", c.blocks_failed);
+    let _ = writeln!(r, "  {:<32}{}", "FIPS 140-2 monobit:", c.monobit_failures);
+    let _ = writeln!(r, "  {:<32}{}", "FIPS 140-2 poker:", c.poker_failures);
+    let _ = writeln!(r, "  {:<32}{}", "FIPS 140-2 runs:", c.runs_failures);
+    let _ = writeln!(r, "  {:<32}{}", "FIPS 140-2 long run:", c.long_run_failures);
     let _ = writeln!(
         r,
-        "  FIPS 140-2 long run:           {}",
-        c.long_run_failures
+        "  {:<32}{}",
+        "continuous (32-byte blocks):", c.continuous_failures
     );
     let _ = writeln!(
         r,
-        "  continuous (32-byte blocks):   {}",
-        c.continuous_failures
+        "  {:<32}{}",
+        "SP 800-90B repetition count:", c.rct_failures
     );
-    let _ = writeln!(r, "  SP 800-90B repetition count:   {}", c.rct_failures);
-    let _ = writeln!(r, "  SP 800-90B adaptive proportion: {}", c.apt_failures);
+    let _ = writeln!(
+        r,
+        "  {:<32}{}",
+        "SP 800-90B adaptive proportion:", c.apt_failures
+    );
     if let Some(f) = k.info.fips {
         let _ = writeln!(
             r,
-            "  the key's own FIPS 140-2:      {} blocks, {} failed",
-            f.blocks, f.failures
+            "  {:<32}{} blocks, {} failed",
+            "the key's own FIPS 140-2:", f.blocks, f.failures
         );
     }
     if let (Some(t), Some(v)) = (k.info.temperature, k.info.voltage) {
         let _ = writeln!(
             r,
-            "  readings:                      {:.1} °C, {:.3} V",
+            "  {:<32}{:.1} °C, {:.3} V",
+            "readings:",
             t.celsius(),
             v.volts()
         );
     }
     if g.warnings.any() {
-        let _ = writeln!(r, "  warnings:                      {}", g.warnings);
+        let _ = writeln!(r, "  {:<32}{}", "warnings:", g.warnings);
     }
     let pass = c.times_closed == 0 && g.open && c.blocks_tested >= blocks;
     let verdict = if pass {
@@ -1096,7 +1103,7 @@ fn test_report(k: &KeyStatus, blocks: u64) -> (String, bool) {
     } else {
         "FAIL (too few blocks tested)".to_string()
     };
-    let _ = writeln!(r, "  verdict:                       {verdict}");
+    let _ = writeln!(r, "  {:<32}{verdict}", "verdict:");
     (r, pass)
 }
 
