@@ -6,8 +6,12 @@
 //! - [`transport`] and [`usb`]: keys on ttys, Unix sockets and USB (nusb),
 //!   as async byte streams; [`driver`]: one `Session` per key, verified
 //!   blocks out with backpressure.
+//! - Between keys and outputs, each key's health gate
+//!   ([`ekey_proto::health`], run by [`driver`]).
 //! - Outputs: [`egd`] (the EGD server QEMU's `rng-egd` reads) and
-//!   [`kernel`] (`RNDADDENTROPY`).
+//!   [`kernel`] (`RNDADDENTROPY`); [`feed`], the guest-side feeder that
+//!   reads an EGD server into a guest's kernel.
+//! - [`metrics`]: Prometheus metrics over HTTP.
 //! - [`keyring`] (ekeyd's format, atomic 0600 writes), [`control`] and
 //!   [`status`] (the daemon's control socket), [`soft`] (the built-in
 //!   software key), [`cli`] (the `ekey-host` command line).
