@@ -301,22 +301,43 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         if n == 0 {
             return Ok(Ended::Closed);
         }
-        let mut input = &buf[..n];
-        while !input.is_empty() {
-            let used = session.handle_input(now(), input, keyring, &mut rng);
-            input = &input[used..];
-            match deliver(&mut session, status, blocks, on_event).await {
-                Delivered::OutputClosed => return Ok(Ended::OutputClosed),
-                Delivered::Unresponsive => unresponsive = true,
-                Delivered::Ok => {}
+        // Take in this read and whatever else is ready now: a USB link
+        // hands out one transfer (one or a few frames) per read, and what
+        // completed while we slept must all be taken in this wake-up.
+        let mut taken = n;
+        let mut len = n;
+        for _ in 0..MAX_READS_PER_WAKE {
+            let mut input = &buf[..len];
+            while !input.is_empty() {
+                let used = session.handle_input(now(), input, keyring, &mut rng);
+                input = &input[used..];
+                match deliver(&mut session, status, blocks, on_event).await {
+                    Delivered::OutputClosed => return Ok(Ended::OutputClosed),
+                    Delivered::Unresponsive => unresponsive = true,
+                    Delivered::Ok => {}
+                }
+            }
+            if session.has_transmit() {
+                break;
+            }
+            // A read that is not ready at once is dropped unfinished, which
+            // loses nothing: reads are cancel-safe.
+            match tokio::time::timeout(Duration::ZERO, link.read(&mut buf)).await {
+                Ok(Ok(0)) => return Ok(Ended::Closed),
+                Ok(Ok(m)) => {
+                    len = m;
+                    taken += m;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => break,
             }
         }
         session.handle_timeout(now());
         // The line is drained: let frames gather instead of waking for
         // each one (a key sends ~100 a second). Commands still go out at
         // once, and no timeout of the session is anywhere near this short.
-        // A fast source (a large read lately) is read again at once.
-        if n >= crate::transport::FAST_READ {
+        // A fast source (much taken in one wake-up) is read again at once.
+        if taken >= crate::transport::FAST_READ {
             fast_until = Some(tokio::time::Instant::now() + crate::transport::FAST_WINDOW);
         }
         let fast = fast_until.is_some_and(|t| tokio::time::Instant::now() < t);
@@ -325,6 +346,10 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         }
     }
 }
+
+/// Most reads taken in one wake-up before the loop looks at commands,
+/// timers and signals again.
+const MAX_READS_PER_WAKE: usize = 64;
 
 /// Longest a command may take to reach the key.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);

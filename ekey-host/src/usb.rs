@@ -114,12 +114,14 @@ pub async fn open(info: &DeviceInfo) -> io::Result<(Link, nusb::Device)> {
     let ep_out = intf
         .endpoint::<Bulk, Out>(data.ep_out)
         .map_err(|e| io::Error::other(format!("endpoint {:#04x}: {e}", data.ep_out)))?;
-    // One packet per transfer, eight in flight. A bulk IN transfer ends
-    // only when full or on a short packet; at full speed every 64-byte frame
-    // is a full packet, so a larger transfer could sit on an S! or K! until
-    // enough other frames arrive to fill it.
+    // One packet per transfer. A bulk IN transfer ends only when full or on
+    // a short packet; at full speed every 64-byte frame is a full packet, so
+    // a larger transfer could sit on an S! or K! until enough other frames
+    // arrive to fill it. 32 in flight hold ~370 ms of a key's frames at
+    // full speed, well over the driver's 100 ms between wake-ups, so the
+    // key is never kept waiting.
     let mps = ep_in.max_packet_size().max(64);
-    let reader = ep_in.reader(mps).with_num_transfers(8);
+    let reader = ep_in.reader(mps).with_num_transfers(32);
     let writer = ep_out.writer(512);
     Ok((Box::new(tokio::io::join(reader, writer)), dev))
 }
