@@ -581,7 +581,18 @@ fn add_status(
 /// Drives a key on USB until it goes away; a key that stops answering
 /// gets a USB port reset (it then re-enumerates and comes back through
 /// hot-plug).
-fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses) {
+fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses, seen: &UsbSeen) {
+    let id = info.id();
+    if !seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .active
+        .insert(id)
+    {
+        // Already driven (hot-plug and a rescan both saw it).
+        return;
+    }
+    let seen = seen.clone();
     let status = add_status(
         statuses,
         usb::describe(&info),
@@ -617,6 +628,12 @@ fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses) {
                 },
                 Err(e) => {
                     warn!("{e}");
+                    // Not retried by the rescan (it would fail the same
+                    // way every few seconds); a re-plug retries.
+                    seen.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .failed
+                        .insert(id);
                     if ctx.is_read {
                         let _ = ctx
                             .fail_tx
@@ -627,8 +644,26 @@ fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses) {
             break;
         }
         set_connected(&status, false);
+        seen.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .active
+            .remove(&id);
     });
 }
+
+/// USB keys being driven, and those that could not be opened.
+#[derive(Default)]
+struct UsbSeenSets {
+    active: std::collections::HashSet<nusb::DeviceId>,
+    failed: std::collections::HashSet<nusb::DeviceId>,
+}
+
+type UsbSeen = Arc<Mutex<UsbSeenSets>>;
+
+/// How often the daemon lists USB keys, besides hot-plug events: hot-plug
+/// needs udev's events (no udevd in containers, initramfs or mdev systems),
+/// and a key that re-enumerates after a port reset must come back anyway.
+const USB_RESCAN: Duration = Duration::from_secs(5);
 
 /// Waits until the key of `status` is no longer released.
 async fn wait_until_resumed(ctx: &mut Ctx, status: &SharedStatus) {
@@ -737,16 +772,54 @@ async fn run(
             }
             info!("no Entropy Key attached yet: waiting for one to be plugged in");
         }
+        let seen = UsbSeen::default();
         for info in found {
-            start_usb_key(info, &ctx, &statuses);
+            start_usb_key(info, &ctx, &statuses, &seen);
         }
         if let Some(mut watch) = watch {
+            let (ctx2, statuses2, seen2) = (ctx.clone(), statuses.clone(), seen.clone());
+            tokio::spawn(async move {
+                let (ctx, statuses) = (ctx2, statuses2);
+                while let Some(ev) = usb::next_event(&mut watch).await {
+                    match ev {
+                        usb::Hotplug::Arrived(info) => {
+                            info!("key plugged in: {}", usb::describe(&info));
+                            seen2
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .failed
+                                .remove(&info.id());
+                            start_usb_key(info, &ctx, &statuses, &seen2);
+                        }
+                        usb::Hotplug::Left(id) => {
+                            seen2
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .failed
+                                .remove(&id);
+                        }
+                    }
+                }
+            });
             let (ctx, statuses) = (ctx.clone(), statuses.clone());
             tokio::spawn(async move {
-                while let Some(ev) = usb::next_event(&mut watch).await {
-                    if let usb::Hotplug::Arrived(info) = ev {
-                        info!("key plugged in: {}", usb::describe(&info));
-                        start_usb_key(info, &ctx, &statuses);
+                let mut tick = tokio::time::interval(USB_RESCAN);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Ok(found) = usb::list().await else {
+                        continue;
+                    };
+                    for info in found {
+                        let known = {
+                            let s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                            s.active.contains(&info.id()) || s.failed.contains(&info.id())
+                        };
+                        if !known {
+                            info!("key found: {}", usb::describe(&info));
+                            start_usb_key(info, &ctx, &statuses, &seen);
+                        }
                     }
                 }
             });

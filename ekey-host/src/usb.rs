@@ -121,6 +121,13 @@ pub async fn open(info: &DeviceInfo) -> io::Result<(Link, nusb::Device)> {
     // full speed, well over the driver's 100 ms between wake-ups, so the
     // key is never kept waiting.
     let mps = ep_in.max_packet_size().max(64);
+    tracing::info!(
+        "{}: claimed interface {}, bulk IN {:#04x} and OUT {:#04x}, {mps}-byte packets",
+        describe(info),
+        data.interface,
+        data.ep_in,
+        data.ep_out
+    );
     let reader = ep_in.reader(mps).with_num_transfers(32);
     let writer = ep_out.writer(512);
     Ok((Box::new(tokio::io::join(reader, writer)), dev))
