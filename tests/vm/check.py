@@ -1,0 +1,313 @@
+#!/usr/bin/env python3
+"""The checks of tests/vm/run, on the files the guest left (see init.sh).
+
+Usage: check.py RESULTS_DIR CONSOLE_LOG [INFRA_ERRORS]
+
+Prints each check as PASS/FAIL with the facts it rests on, then
+"N passed, N failed"; exits 1 on any failure.
+"""
+import json
+import os
+import re
+import sys
+
+RES, CONSOLE = sys.argv[1], sys.argv[2]
+INFRA = sys.argv[3] if len(sys.argv) > 3 else ""
+
+# Most bytes that may be in flight when the cable is pulled (or the daemon
+# stopped) and so never verified: the gadget's tty buffer and USB requests,
+# the host's queued bulk transfers, the daemon's queues and a partial
+# 2500-byte health unit, plus what the key writes before it sees the hang-up.
+MAX_IN_FLIGHT = 48 * 1024
+# Shortest piece of the guest's /dev/hwrng bytes looked up in the record.
+MIN_PIECE = 8
+
+
+def path(name):
+    return os.path.join(RES, name)
+
+
+def read(name, mode="rb"):
+    try:
+        with open(path(name), mode) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def text(name):
+    t = read(name, "r")
+    return t.strip() if t is not None else None
+
+
+def load_json(name):
+    t = read(name, "r")
+    if not t:
+        return None
+    try:
+        return json.loads(t)
+    except ValueError:
+        return None
+
+
+def tail(name, n=15):
+    t = read(name, "r")
+    if t is None:
+        return [f"    ({name}: missing)"]
+    lines = t.splitlines()[-n:]
+    return [f"    {name}: {l}" for l in lines] or [f"    ({name}: empty)"]
+
+
+class Check:
+    def __init__(self, name, what):
+        self.name, self.what = name, what
+        self.facts, self.failed, self.logs = [], False, []
+
+    def ok(self, cond, msg):
+        self.facts.append(("ok  " if cond else "FAIL") + " " + msg)
+        if not cond:
+            self.failed = True
+        return cond
+
+    def note(self, msg):
+        self.facts.append("     " + msg)
+
+
+def first_difference(a, b):
+    n = min(len(a), len(b))
+    for i in range(0, n, 4096):
+        if a[i:i + 4096] != b[i:i + 4096]:
+            for j in range(i, min(i + 4096, n)):
+                if a[j] != b[j]:
+                    return j
+    return None if len(a) == len(b) else n
+
+
+def common_prefix(a, ai, b, bi):
+    """Length of the common prefix of a[ai:] and b[bi:]."""
+    n = 0
+    step = 4096
+    while True:
+        x, y = a[ai + n:ai + n + step], b[bi + n:bi + n + step]
+        if not x or not y:
+            return n
+        if x == y:
+            n += len(x)
+            if len(x) < step:
+                return n
+            continue
+        if step == 1:
+            return n
+        step = max(1, step // 16)
+
+
+def prefix_check(c, name, want):
+    """NAME.out has WANT bytes and they are the start of NAME.rec."""
+    out, rec, rc = read(f"{name}.out"), read(f"{name}.rec"), text(f"{name}.rc")
+    c.logs += [f"{name}.log", f"{name}.key.log"]
+    c.ok(rc == "0", f"ekey-host read exited {rc}")
+    if out is None or rec is None:
+        c.ok(False, f"{name}.out or {name}.rec missing")
+        return
+    c.ok(len(out) == want, f"{len(out)} bytes read (want {want}); the key recorded {len(rec)}")
+    d = first_difference(out, rec[:len(out)])
+    if d is None:
+        c.ok(True, f"the bytes read are the first {len(out)} bytes the key sent")
+    else:
+        elsewhere = rec.find(out[d:d + 32]) if len(out) >= d + 32 else -1
+        c.ok(False, f"output differs from the record at offset {d} "
+             f"(output bytes there {out[d:d + 16].hex()}, record {rec[d:d + 16].hex()}; "
+             f"those output bytes are at record offset {elsewhere})")
+
+
+def usb_info(c, name, speed, maxp):
+    """The device as the guest's host side saw it (sysfs)."""
+    info = text(f"{name}.usb") or ""
+    c.ok(f"speed={speed}" in info, f"enumerated at {speed} Mb/s")
+    bulk = re.findall(r"ep=(\w+) type=Bulk dir=(\w+) maxp=(\w+)", info)
+    c.ok(len(bulk) == 2 and all(int(m, 16) == maxp for _, _, m in bulk),
+         f"data interface bulk endpoints {bulk} (maxp {maxp})")
+    return bulk
+
+
+# ---- 1 and 2: `ekey-host read` over usbfs, no --device ----
+def usb_read(name, label, speed, maxp):
+    c = Check(label, f"`read -n 131072` (no --device: nusb) at {speed} Mb/s equals the record")
+    bulk = usb_info(c, name, speed, maxp)
+    outs = [a for a, d, _ in bulk if d == "out"]
+    if outs:
+        c.note(f"bulk OUT is 0x{outs[0]} (the product's is 0x03): found from the descriptors")
+    prefix_check(c, name, 131072)
+    log = read(f"{name}.log", "r") or ""
+    said = [l for l in log.splitlines() if re.search(r"endpoint|interface|0x0[0-9]|0x8[0-9]", l)]
+    c.note("log on endpoints/interface: " + ("; ".join(said) if said else "(the log does not name them)"))
+    return c
+
+
+# ---- 3: hot-plug in the daemon ----
+def segments(out, rec):
+    """Splits OUT into pieces of REC, searching only forward: a piece found
+    proves order and no duplicates. Returns [(out_off, rec_off, len)] or an
+    error string."""
+    segs, o, r = [], 0, 0
+    while o < len(out):
+        probe = out[o:o + 64]
+        if len(probe) < 16 and segs:
+            probe = out[o:]
+        i = rec.find(probe, r)
+        if i < 0:
+            back = rec.find(probe)
+            return (f"output bytes at offset {o} are not in the record after offset {r}"
+                    + (f" (they are at {back}: a duplicate or out of order)" if back >= 0
+                       else " (not in the record at all)"))
+        n = common_prefix(out, o, rec, i)
+        segs.append((o, i, n))
+        o, r = o + n, i + n
+    return segs
+
+
+def hotplug():
+    c = Check("hotplug", "`run` with no key at start; plug, unplug, plug; SIGTERM")
+    c.logs += ["hp.log", "hp.key.log", "relay.log"]
+    s0, s1, su, s2 = (load_json(f"hp.status{x}.json") for x in ("0", "1", "-unplugged", "2"))
+    c.ok(s0 is not None and s0.get("keys") == [], "status before any key: no keys")
+    for n in (1, 2):
+        k = text(f"hp.keyed{n}")
+        c.ok(k is not None and float(k) <= 10, f"plug {n}: keyed {k} s after the gadget was bound")
+    log = read("hp.log", "r") or ""
+    c.ok(re.search(r"key (gone|unplugged)", log) is not None,
+         "the daemon logged the loss: " + "; ".join(
+             l.split("  ", 1)[-1] for l in log.splitlines() if re.search(r"key (gone|unplugged)", l)))
+    c.ok(text("hp.alive") == "alive", "the daemon kept running after the unplug")
+    uk = (su or {}).get("keys") or [{}]
+    c.ok(len(uk) == 1 and uk[0].get("connected") is False, "status while unplugged: the key, not connected")
+    keys = (s2 or {}).get("keys") or []
+    k = keys[0] if keys else {}
+    c.ok(len(keys) == 1 and k.get("connects", 0) >= 2 and k.get("running") is True,
+         f"status after the re-plug: one key entry, connects={k.get('connects')}, "
+         f"running={k.get('running')}, serial={k.get('serial')}")
+    c.ok(text("hp.rc") == "0", f"the daemon exited {text('hp.rc')} on SIGTERM")
+
+    out, rec = read("hp.out"), read("hp.rec")
+    if out is None or rec is None:
+        c.ok(False, "hp.out or hp.rec missing")
+        return c
+    segs = segments(out, rec)
+    if isinstance(segs, str):
+        c.ok(False, segs)
+        return c
+    c.note(f"output {len(out)} bytes, record {len(rec)} bytes; pieces of the record "
+           f"(record offset, length): {[(r, n) for _, r, n in segs]}")
+    # The bytes between pieces (and after the last) were sent but never
+    # verified: in flight at the unplug or at SIGTERM. Health-gate
+    # discards, if the daemon reports any, may add gaps.
+    discards = sum(v for kk, v in walk(s2) if "discard" in kk and isinstance(v, int))
+    gaps = [(segs[i][1] + segs[i][2], segs[i + 1][1] - (segs[i][1] + segs[i][2]))
+            for i in range(len(segs) - 1)]
+    end = segs[-1][1] + segs[-1][2]
+    c.ok(segs[0][1] == 0, f"the output starts with the key's first byte (record offset {segs[0][1]})")
+    c.ok(1 <= len(gaps) <= 1 + discards,
+         f"{len(gaps)} gap(s) (allowed: 1 for the unplug + {discards} health-gate discards): "
+         f"{gaps} (record offset, bytes)")
+    c.ok(all(g <= MAX_IN_FLIGHT for _, g in gaps) and len(rec) - end <= MAX_IN_FLIGHT,
+         f"every gap, and the {len(rec) - end} bytes sent after the last one delivered, "
+         f"within {MAX_IN_FLIGHT} bytes in flight")
+    c.ok(len(segs) >= 2 and segs[0][2] >= 49152 and segs[-1][2] >= 49152,
+         "at least 48 KiB delivered before the unplug and after the re-plug")
+    return c
+
+
+def walk(doc, key=""):
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from walk(v, k)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from walk(v, key)
+    else:
+        yield key, doc
+
+
+# ---- 4: the tty path ----
+def tty():
+    c = Check("tty", "`read -n 65536 --device /dev/ttyACM0` (cdc_acm) equals the record")
+    info = text("tty.usb") or ""
+    c.ok("class=0a driver=cdc_acm" in info, "cdc_acm drives the data interface")
+    prefix_check(c, "tty", 65536)
+    return c
+
+
+# ---- 5: a guest's /dev/hwrng fed by the daemon here over rng-egd ----
+def guest_egd():
+    c = Check("guest-egd", "guest /dev/hwrng (virtio-rng, rng-egd) gets the daemon's bytes")
+    c.logs += ["egd-daemon.log", "egd-key.log"]
+    cur = text("hwrng.current")
+    c.ok(cur == "virtio_rng.0", f"guest hwrng is {cur}")
+    got, rec = read("hwrng.bin"), read("egd.rec")
+    c.ok(got is not None and len(got) == 4096, f"guest read {len(got or b'')} bytes from /dev/hwrng")
+    if got and rec:
+        # Cover the guest's bytes with the longest pieces of the record,
+        # searching forward only: QEMU, the daemon and the key keep order;
+        # the guest kernel's own reads take pieces in between.
+        o, r, pieces, err = 0, 0, [], None
+        while o < len(got):
+            i = rec.find(got[o:o + MIN_PIECE], r)
+            if i < 0:
+                back = rec.find(got[o:o + MIN_PIECE])
+                err = (f"guest bytes at offset {o} ({got[o:o + 16].hex()}) are not in the record "
+                       f"after offset {r}" + (f" (found at {back}: out of order)" if back >= 0 else ""))
+                break
+            n = common_prefix(got, o, rec, i)
+            pieces.append((i, n))
+            o, r = o + n, i + n
+        if err:
+            c.ok(False, err)
+        else:
+            c.ok(True, f"all 4096 bytes are pieces of the record ({len(rec)} bytes), in order: "
+                 f"{len(pieces)} pieces, shortest {min(n for _, n in pieces)}, "
+                 f"record offsets {pieces[0][0]}..{pieces[-1][0] + pieces[-1][1]}")
+    elif rec is None:
+        c.ok(False, "egd.rec missing")
+    st = load_json("egd.status.json")
+    egd = (st or {}).get("egd") or {}
+    c.ok(egd.get("total_clients", 0) >= 1 and egd.get("total_served", 0) >= 4096,
+         f"daemon status: EGD total_clients={egd.get('total_clients')}, "
+         f"total_served={egd.get('total_served')}")
+    c.logs.append("egd.status.err")
+    return c
+
+
+def main():
+    checks = [
+        usb_read("hs", "usb-highspeed", 480, 512),
+        usb_read("fs", "usb-fullspeed", 12, 64),
+        hotplug(),
+        tty(),
+        guest_egd(),
+    ]
+    if INFRA:
+        for c in checks:
+            c.ok(False, "infrastructure: " + INFRA)
+    passed = 0
+    for c in checks:
+        print(f"{'FAIL' if c.failed else 'PASS'} {c.name}: {c.what}")
+        for f in c.facts:
+            print(f"    {f}")
+        if c.failed:
+            for name in c.logs:
+                print("\n".join(tail(name)))
+        passed += not c.failed
+    failed = len(checks) - passed
+    if failed:
+        print("---- guest console (tail) ----")
+        try:
+            with open(CONSOLE, errors="replace") as f:
+                print("".join(f.readlines()[-40:]), end="")
+        except OSError:
+            print("(no console log)")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

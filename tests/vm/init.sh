@@ -1,0 +1,225 @@
+#!/bin/busybox sh
+# /init of the tests/vm guest (busybox ash, PID 1). Started by tests/vm/run.
+#
+# The guest plays both ends of a USB cable. dummy_hcd ties a gadget (device
+# side) controller to a host controller; a configfs CDC-ACM gadget with the
+# Entropy Key's ids (20df:0001) is the device; the software key
+# (`ekey-host emulate --tty /dev/ttyGS0`) answers on the gadget's tty; and
+# ekey-host on the host side reaches it through Linux's real USB stack:
+# usbfs (nusb, the default) or cdc_acm's /dev/ttyACM0.
+#
+# Every step leaves its files in /r: NAME.out (what the host side got),
+# NAME.rec (what the key sent), NAME.log / NAME.key.log (stderr), NAME.rc
+# (exit codes), NAME.usb (the device as sysfs shows it). At the end /r goes
+# as a tar archive to the virtio disk /dev/vda; the runner checks it on the
+# CI machine. Console lines starting "VM:" are progress for humans.
+
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /tmp /r
+EKEY=/bin/ekey-host
+KEYRING=/etc/keyring      # the demo key's serial and long-term key
+RATE=8000                 # software key rate (bytes/s): twice a real key's (~86 frames/s, <4 kB/s)
+ONLY=""                   # run only these steps (vmonly=hs,tty,hp,fs,egd; debugging)
+for a in $(cat /proc/cmdline); do
+  case $a in vmrate=*) RATE=${a#vmrate=};; vmonly=*) ONLY=${a#vmonly=};; vmlog=*) export EKEY_LOG=${a#vmlog=};; esac
+done
+step() { [ -z "$ONLY" ] || echo ",$ONLY," | grep -q ",$1,"; }
+CTL=/tmp/ctl              # the daemon's control socket (hot-plug step)
+G=/sys/kernel/config/usb_gadget/ekey
+
+# Debugging knobs, from the kernel command line (EKEY_VM_APPEND=... tests/vm/run):
+# vmrate=BYTES/S, vmonly=STEP,..., vmlog=debug (EKEY_LOG), vmtrace (set -x),
+# vmdebug (every 5 s: where each ekey-host thread waits).
+grep -q vmtrace /proc/cmdline && set -x
+if grep -q vmdebug /proc/cmdline; then
+  (while sleep 5; do
+     for p in $(pidof ekey-host); do
+       echo "DBG: $p $(tr '\0' ' ' < /proc/$p/cmdline | cut -c1-60) state=$(cut -d' ' -f3 /proc/$p/stat) wchan=$(cat /proc/$p/wchan) cpu=$(cut -d' ' -f14,15 /proc/$p/stat)"
+       for t in /proc/$p/task/*; do echo "DBG:    task $(basename $t) $(cat $t/comm) wchan=$(cat $t/wchan) state=$(cut -d' ' -f3 $t/stat)"; done
+     done
+     ls -l /r | sed 's/^/DBG: /'
+   done) &
+fi
+
+up() { cut -d' ' -f1 /proc/uptime; }
+say() { echo "VM: [$(up)] $*"; }
+
+# wait_for SECONDS COMMAND...: poll COMMAND every 0.1 s until it succeeds.
+wait_for() {
+  _ticks=$(($1 * 10)); shift
+  while ! "$@" >/dev/null 2>&1; do
+    _ticks=$((_ticks - 1)); [ $_ticks -le 0 ] && return 1
+    sleep 0.1
+  done
+}
+
+# ---- kernel modules: USB host + gadget stacks, virtio disk and RNG ----
+M=/lib/modules
+for m in usb-common usbcore configfs udc-core libcomposite u_serial usb_f_acm cdc-acm \
+         virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+  insmod $M/$m.ko || say "insmod $m FAILED"
+done
+insmod $M/dummy_hcd.ko || say "insmod dummy_hcd FAILED"   # high speed (480 Mb/s) first
+mount -t configfs none /sys/kernel/config
+say "init start; UDC: $(ls /sys/class/udc)"
+
+# A static (glibc) ekey-host gets its randomness from getrandom's file
+# fallback, which polls /dev/random until the kernel's generator is ready;
+# nothing in a fresh TCG guest makes it ready for minutes. Reading
+# /dev/random once makes the kernel gather jitter entropy now (~1 s).
+dd if=/dev/random of=/dev/null bs=1 count=1 2>/dev/null
+say "kernel random generator ready"
+
+# ---- the gadget: CDC-ACM with the Entropy Key's ids ----
+# The USB serial string is the key's serial, as on the product; the daemon
+# keeps a re-plugged key's history under it.
+mkdir $G $G/strings/0x409 $G/configs/c.1 $G/functions/acm.key
+echo 0x20df > $G/idVendor
+echo 0x0001 > $G/idProduct
+echo RW11bGF0ZWRLZXkx > $G/strings/0x409/serialnumber
+echo "ekey-host tests/vm" > $G/strings/0x409/manufacturer
+echo "Entropy Key (emulated)" > $G/strings/0x409/product
+ln -s $G/functions/acm.key $G/configs/c.1/
+
+# The key's sysfs directory on the host side (empty if not enumerated).
+key_dir() {
+  for d in /sys/bus/usb/devices/*; do
+    [ "$(cat $d/idVendor 2>/dev/null)" = 20df ] && echo $d && return 0
+  done
+  return 1
+}
+key_node() { # its usbfs node exists
+  d=$(key_dir) || return 1
+  test -c /dev/bus/usb/$(printf %03d $(cat $d/busnum))/$(printf %03d $(cat $d/devnum))
+}
+key_gone() { ! key_dir; }
+plug() { # bind the gadget to the controller: the host side enumerates it
+  ls /sys/class/udc > $G/UDC
+  wait_for 15 key_node || say "plug: the key did not enumerate"
+}
+unplug() {
+  echo "" > $G/UDC
+  wait_for 15 key_gone || say "unplug: the key is still there"
+}
+usb_info() { # NAME: speed and endpoints of the key, as the host side sees them
+  d=$(key_dir) || { echo "not enumerated" > /r/$1.usb; return; }
+  {
+    echo "speed=$(cat $d/speed)"
+    for i in $d/$(basename $d):*; do
+      echo "interface=$(cat $i/bInterfaceNumber) class=$(cat $i/bInterfaceClass) driver=$(basename "$(readlink $i/driver)")"
+      for e in $i/ep_*; do
+        echo "  ep=$(cat $e/bEndpointAddress) type=$(cat $e/type) dir=$(cat $e/direction) maxp=$(cat $e/wMaxPacketSize)"
+      done
+    done
+  } > /r/$1.usb
+}
+
+# start_key NAME SEED: the software key on the gadget's tty, fixed noise,
+# recording every block it sends to /r/NAME.rec.
+start_key() {
+  $EKEY emulate --tty /dev/ttyGS0 --rate $RATE --noise-seed $2 --record /r/$1.rec \
+    > /dev/null 2> /r/$1.key.log &
+  KEY_PID=$!
+  wait_for 5 grep -q "software key" /r/$1.key.log || say "$1: the software key did not start"
+}
+# Unplug first: closing the gadget's tty with unsent data waits up to 15 s
+# for a host that no longer reads.
+stop_key() { unplug; kill $KEY_PID 2>/dev/null; wait $KEY_PID; }
+show() { tail -n ${2:-20} /r/$1 2>/dev/null | sed "s|^|VM:   $1: |"; }  # FILE [LINES]
+
+# read_step NAME BYTES [ARGS...]: `ekey-host read` on the host side.
+read_step() {
+  name=$1; bytes=$2; shift 2
+  t0=$(up)
+  timeout 90 $EKEY read -n $bytes --keyring $KEYRING --timeout 60 -o /r/$name.out "$@" 2> /r/$name.log
+  echo $? > /r/$name.rc
+  say "$name: read exited $(cat /r/$name.rc) after $(echo "$(up) - $t0" | bc) s"
+  [ "$(cat /r/$name.rc)" = 0 ] || { show $name.log; show $name.key.log; }
+}
+
+# ---- 1. usb-highspeed: `read` over usbfs (nusb), no --device ----
+if step hs; then
+say "usb-highspeed"
+plug
+usb_info hs
+start_key hs 1111111111111111111111111111111111111111111111111111111111111111
+read_step hs 131072
+stop_key
+fi
+
+# ---- 4. tty: `read --device /dev/ttyACM0` (cdc_acm bound) ----
+if step tty; then
+say "tty"
+plug             # re-enumerated: cdc_acm binds again (nusb had detached it)
+wait_for 10 test -c /dev/ttyACM0 || say "tty: no /dev/ttyACM0"
+usb_info tty
+start_key tty 4444444444444444444444444444444444444444444444444444444444444444
+read_step tty 65536 --device /dev/ttyACM0
+stop_key
+fi
+
+# ---- 3. hotplug: the daemon starts with no key attached ----
+if step hp; then
+say "hotplug"
+start_key hp 3333333333333333333333333333333333333333333333333333333333333333
+/bin/uevent-relay 2> /r/relay.log &       # udevd's part, for nusb's hot-plug watch
+$EKEY run --keyring $KEYRING --output /r/hp.out --control $CTL 2> /r/hp.log &
+DAEMON=$!
+wait_for 10 test -S $CTL || say "hotplug: no control socket"
+status() { $EKEY status --json --control $CTL; }
+running() { status | grep -q '"running": true'; }
+size() { stat -c %s /r/hp.out 2>/dev/null || echo 0; }
+grow() { [ $(size) -ge $1 ]; }
+status > /r/hp.status0.json                               # before: no key
+for n in 1 2; do
+  t0=$(up); plug
+  # keyed: the daemon's status says the key is running
+  if wait_for 20 running; then echo "$(echo "$(up) - $t0" | bc)" > /r/hp.keyed$n; fi
+  say "hotplug: plug $n, keyed after $(cat /r/hp.keyed$n 2>/dev/null || echo never) s"
+  want=$(($(size) + 57344)); wait_for 40 grow $want      # let it stream 56 KiB more
+  status > /r/hp.status$n.json
+  if [ $n = 1 ]; then
+    unplug
+    wait_for 10 sh -c "$EKEY status --json --control $CTL | grep -q '\"connected\": false'"
+    sleep 1
+    kill -0 $DAEMON && echo alive > /r/hp.alive
+    status > /r/hp.status-unplugged.json
+    say "hotplug: unplugged at $(size) bytes; daemon $(cat /r/hp.alive 2>/dev/null || echo GONE)"
+  fi
+done
+kill -TERM $DAEMON; wait $DAEMON; echo $? > /r/hp.rc
+stop_key
+[ -s /r/hp.keyed1 ] && [ -s /r/hp.keyed2 ] && [ "$(cat /r/hp.rc)" = 0 ] || { show hp.log 40; show hp.key.log; show relay.log; }
+say "hotplug: daemon stopped (exit $(cat /r/hp.rc)), $(size) bytes"
+fi
+
+# ---- 2. usb-fullspeed: dummy_hcd at 12 Mb/s (64-byte bulk packets) ----
+if step fs; then
+say "usb-fullspeed"
+rmmod dummy_hcd && insmod $M/dummy_hcd.ko is_high_speed=0 || say "full speed: reload dummy_hcd FAILED"
+plug
+usb_info fs
+start_key fs 2222222222222222222222222222222222222222222222222222222222222222
+read_step fs 131072
+stop_key
+fi
+
+# ---- 5. guest-egd: /dev/hwrng is virtio-rng, fed by the CI machine's daemon ----
+if step egd; then
+say "guest-egd"
+insmod $M/virtio-rng.ko || say "insmod virtio-rng FAILED"
+wait_for 10 test -c /dev/hwrng
+cat /sys/class/misc/hw_random/rng_current > /r/hwrng.current 2>&1
+timeout 60 head -c 4096 /dev/hwrng > /r/hwrng.bin
+say "guest-egd: $(stat -c %s /r/hwrng.bin) bytes from $(cat /r/hwrng.current); first of them:"
+hexdump -C /r/hwrng.bin | head -4
+fi
+
+# ---- hand the results to the runner ----
+dmesg > /r/dmesg.txt
+tar -c -f /dev/vda -C /r . && sync && say "results written"
+poweroff -f
