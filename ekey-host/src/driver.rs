@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 
 use crate::transport::Link;
 
-/// One verified 32-byte block and the key it came from.
-#[derive(Clone, Debug)]
+/// One verified 32-byte block and the key it came from. Its bytes are
+/// wiped when it is dropped and never shown by `Debug`.
+#[derive(Clone)]
 pub struct Block {
     /// The key's serial.
     pub serial: Serial,
@@ -25,6 +26,20 @@ pub struct Block {
     /// The key's status, where the output that takes the block books it
     /// ([`KeyStatus::outputs`]).
     pub status: SharedStatus,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data);
+    }
 }
 
 impl Block {
@@ -442,27 +457,44 @@ async fn deliver(
                     let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
                     let before = gate.is_open();
                     let report = gate.push(&data);
-                    let mut released = zeroize::Zeroizing::new(Vec::new());
+                    // Room for everything the gate can hold, so that the
+                    // vector never moves (a move would leave an unwiped copy).
+                    let mut released = zeroize::Zeroizing::new(Vec::with_capacity(
+                        ekey_proto::health::OUTPUT_CAPACITY / 32 + 1,
+                    ));
                     while let Some(b) = gate.pop_released() {
                         released.push(b);
                     }
                     if let Some(r) = report.filter(|r| !r.passed()) {
-                        tracing::info!(
-                            "key {serial}: a block of 20,000 bits failed {} and was discarded",
-                            failed_tests(&r)
-                        );
+                        // Once closed, a dead source would fail a block a
+                        // second: the closing is logged, the rest is debug.
+                        if before && gate.is_open() {
+                            tracing::info!(
+                                "key {serial}: a block of 20,000 bits failed {} and was discarded",
+                                failed_tests(&r)
+                            );
+                        } else {
+                            tracing::debug!(
+                                "key {serial}: a block of 20,000 bits failed {} and was discarded",
+                                failed_tests(&r)
+                            );
+                        }
                     }
                     log_gate_change(serial, before, &gate);
                     (released, gate.status())
                 };
                 status.lock().unwrap_or_else(|p| p.into_inner()).gate = after;
-                for data in released.iter() {
+                for (i, data) in released.iter().enumerate() {
                     let block = Block {
                         serial,
                         data: *data,
                         status: status.clone(),
                     };
                     if blocks.send(block).await.is_err() {
+                        // Released by the gate but taken by no output: the
+                        // books say so.
+                        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+                        st.outputs.unused += (32 * (released.len() - i)) as u64;
                         return Delivered::OutputClosed;
                     }
                     let mut st = status.lock().unwrap_or_else(|p| p.into_inner());

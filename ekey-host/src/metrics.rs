@@ -6,11 +6,13 @@
 //! Served as the Prometheus text format (0.0.4) on `GET /metrics`.
 //!
 //! Names are prefixed `ekey_`. Per-key series carry `serial` (PEM64, `?`
-//! until the key has said it) and `transport` labels. Byte counters of a key
-//! add up: `ekey_key_bytes_received_total` = the sum over `fate` of
-//! `ekey_key_bytes_total` (released to an output, discarded by the health
-//! gate, waiting in the gate), and the released bytes split by `output` in
-//! `ekey_key_output_bytes_total`.
+//! until the key has said it) and `transport` labels. Byte counts of a key
+//! add up: `ekey_key_bytes_received_total` = `ekey_key_bytes_total` summed
+//! over `fate` (`released` by the health gate, `discarded` by it) +
+//! `ekey_key_bytes_pending` (in the gate: waiting for their block to be
+//! tested, or passed and not yet handed on); and the released bytes =
+//! `ekey_key_output_bytes_total` summed over `output` +
+//! `ekey_key_output_queued_bytes` (on their way to an output).
 
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
@@ -115,17 +117,25 @@ pub fn registry(s: &Snapshot) -> Registry {
         "key_device_fips_blocks",
         "FIPS 140-2 blocks the key tested itself (since its reset)",
     );
+    let dev_failed = m.counter(
+        "key_device_fips_blocks_failed",
+        "FIPS 140-2 blocks the key reports failed (since its reset)",
+    );
     let dev_fail = m.counter(
         "key_device_fips_failures",
-        "FIPS 140-2 failures the key reports, by test (since its reset)",
+        "FIPS 140-2 failures the key reports, by test (since its reset; a block can fail several)",
     );
     let host_blocks = m.counter(
         "key_host_fips_blocks",
         "20,000-bit blocks of verified output the host's health gate tested",
     );
+    let host_failed = m.counter(
+        "key_host_blocks_failed",
+        "20,000-bit blocks that failed any of the host's health tests",
+    );
     let host_fail = m.counter(
         "key_host_health_failures",
-        "Health test failures found by the host's gate, by test",
+        "Health test failures found by the host's gate, by test (a block can fail several)",
     );
     let gate_open = m.gauge(
         "key_gate_open",
@@ -137,7 +147,10 @@ pub fn registry(s: &Snapshot) -> Registry {
         "1 while a reading (temperature, voltage) is outside its warning bounds",
     );
     let macs = m.counter("key_mac_failures", "Frames whose MAC failed (dropped)");
-    let framing = m.counter("key_framing_errors", "Bytes skipped to find frames");
+    let framing = m.counter(
+        "key_framing_errors",
+        "Runs of bytes skipped between frames (line noise, lost sync)",
+    );
     let replays = m.counter("key_replays_dropped", "Replayed frames dropped");
     let rekeys = m.counter("key_rekeys", "Session re-keys");
     let resets = m.counter("key_resets", "Resets sent to the key");
@@ -151,11 +164,15 @@ pub fn registry(s: &Snapshot) -> Registry {
     );
     let pending = m.gauge(
         "key_bytes_pending",
-        "Verified bytes waiting in the gate for their block to be tested",
+        "Verified bytes in the gate: waiting for their block to be tested, or passed and not yet handed on",
     );
     let per_output = m.counter(
         "key_output_bytes",
         "Released bytes of the key by the output they were handed to",
+    );
+    let queued = m.gauge(
+        "key_output_queued_bytes",
+        "Released bytes of the key on their way to an output",
     );
     for k in &s.keys {
         let l = key_labels(k);
@@ -184,20 +201,16 @@ pub fn registry(s: &Snapshot) -> Registry {
         }
         if let Some(f) = k.info.fips {
             add(&dev_blocks, &l, u64::from(f.blocks));
-            for (name, v) in [
-                ("any", f.failures),
-                ("monobit", f.monobit),
-                ("poker", f.poker),
-                ("runs", f.runs),
-            ] {
+            add(&dev_failed, &l, u64::from(f.failures));
+            for (name, v) in [("monobit", f.monobit), ("poker", f.poker), ("runs", f.runs)] {
                 add(&dev_fail, &with(l.clone(), "test", name), u64::from(v));
             }
         }
         let g = &k.gate;
         let gc = &g.counters;
         add(&host_blocks, &l, gc.blocks_tested);
+        add(&host_failed, &l, gc.blocks_failed);
         for (name, v) in [
-            ("any", gc.blocks_failed),
             ("monobit", gc.monobit_failures),
             ("poker", gc.poker_failures),
             ("runs", gc.runs_failures),
@@ -237,10 +250,14 @@ pub fn registry(s: &Snapshot) -> Registry {
             ("egd", k.outputs.egd),
             ("file", k.outputs.file),
             ("unused", k.outputs.unused),
-            ("queued", k.outputs.queued(g.counters.bytes_released)),
         ] {
             add(&per_output, &with(l.clone(), "output", name), v);
         }
+        set(
+            &queued,
+            &l,
+            k.outputs.queued(g.counters.bytes_released) as i64,
+        );
     }
 
     let out_bytes = m.counter(

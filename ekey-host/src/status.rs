@@ -34,7 +34,7 @@ pub fn key_json(st: &KeyStatus, now: Instant) -> Value {
         "connects": st.connects,
         "uptime_seconds": (uptime * 10.0).round() / 10.0,
         "temperature_celsius": info.temperature.map(|t| (f64::from(t.celsius()) * 100.0).round() / 100.0),
-        "voltage_volts": info.voltage.map(|v| f64::from(v.volts())),
+        "voltage_volts": info.voltage.map(|v| f64::from(v.millivolts) / 1000.0),
         "fips": info.fips.map(|f| json!({
             "blocks": f.blocks, "failures": f.failures,
             "monobit": f.monobit, "poker": f.poker, "runs": f.runs,

@@ -141,9 +141,10 @@
 //!   or more new failures within one window close the gate at once (a key
 //!   failing every block: on its 11th). Assuming the key's own tests fail
 //!   by chance as often as ours (p ≈ 8 × 10⁻⁴), `P(B(1000, p) ≥ 11) ≈
-//!   10⁻⁹` per window, 4 × 10⁻⁵ per key-year. The condition holds until a
-//!   later window of 1,000 blocks stays below 11; counters that go down (a
-//!   key reset) restart the window;
+//!   10⁻⁹` per window, 4 × 10⁻⁵ per key-year. A report that spans several
+//!   windows (the host was away) must show 11 per window it spans. The
+//!   condition holds until a later window of 1,000 blocks stays below 11;
+//!   counters that go down (a key reset) restart the window;
 //! - core temperature outside [`GateConfig::temperature_warn`] (0 °C to
 //!   70 °C) raises a warning in [`GateStatus::warnings`]; outside
 //!   [`GateConfig::temperature_close`] (−20 °C to 85 °C) it closes the
@@ -1201,7 +1202,13 @@ impl Gate {
         }
         let new_blocks = blocks - base_blocks;
         let new_failures = failures - base_failures;
-        if max > 0 && new_failures >= max {
+        // Reports normally come every key block or so; one that spans
+        // several windows (the host was away) is held to the same rate:
+        // `max` failures per window.
+        let windows = new_blocks
+            .div_ceil(self.config.device_fips_window.max(1))
+            .max(1);
+        if max > 0 && new_failures >= max.saturating_mul(windows) {
             state.tripped = Some((new_failures, new_blocks));
             state.base = Some((blocks, failures));
         } else if new_blocks >= self.config.device_fips_window {

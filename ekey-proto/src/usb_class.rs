@@ -590,8 +590,14 @@ impl<B: UsbBus> UsbClass<B> for EntropyKeyClass<'_, B> {
             && req.recipient == control::Recipient::Device
             && req.request == STANDARD_SET_CONFIGURATION
         {
-            // Watch, don't answer: UsbDevice handles it after us.
-            let configured = req.value == u16::from(usb_device::device::CONFIGURATION_VALUE);
+            // Watch, don't answer: UsbDevice handles it after us. It
+            // accepts only 0 (unconfigure) and our configuration; any other
+            // value is refused and changes nothing, so here too.
+            let ours = u16::from(usb_device::device::CONFIGURATION_VALUE);
+            if req.value != 0 && req.value != ours {
+                return;
+            }
+            let configured = req.value == ours;
             if self.configured && !configured {
                 self.drop_pending();
             }

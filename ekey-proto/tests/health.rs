@@ -1420,3 +1420,37 @@ fn measure_false_positive_rates() {
         println!("{name:9} {f:8} {:.3e}", f as f64 / n as f64);
     }
 }
+
+#[test]
+fn a_device_report_spanning_several_windows_is_held_to_the_same_rate() {
+    let fips = |blocks: u32, failures: u32| {
+        info_with(|i| {
+            i.fips = Some(Fips {
+                blocks,
+                failures,
+                monobit: failures,
+                poker: 0,
+                runs: 0,
+            })
+        })
+    };
+    // The host was away for 5,000 of the key's blocks: 11 failures there
+    // are within chance (mean 4), 55 (11 per window) are not.
+    let mut gate = Gate::new(GateConfig::default());
+    gate.observe(&fips(100, 0));
+    gate.observe(&fips(5_100, 11));
+    assert!(gate.is_open(), "{:?}", gate.status());
+    let mut gate = Gate::new(GateConfig::default());
+    gate.observe(&fips(100, 0));
+    gate.observe(&fips(5_100, 55));
+    assert!(!gate.is_open());
+    assert!(matches!(
+        gate.status().reason,
+        Some(CloseReason::DeviceFipsRate { failures: 55, .. })
+    ));
+    // Within one window, 11 still close it.
+    let mut gate = Gate::new(GateConfig::default());
+    gate.observe(&fips(100, 0));
+    gate.observe(&fips(600, 11));
+    assert!(!gate.is_open());
+}

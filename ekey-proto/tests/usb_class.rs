@@ -939,3 +939,30 @@ fn composite_with_iads_adds_an_association() {
     assert_eq!(found.config.iads, vec![vec![0, 2, 0x02, 0x02, 0x00, 0]]);
     assert_eq!(found.config.interfaces.len(), 2);
 }
+
+#[test]
+fn a_refused_set_configuration_changes_nothing() {
+    make_rig!(
+        rig,
+        refuse_fixed = false,
+        pacing = Pacing::HostDriven,
+        iads = false
+    );
+    let found = enumerate(&mut rig);
+    assert!(rig.class.is_configured());
+    // SET_CONFIGURATION 2: there is no configuration 2; usb-device refuses
+    // it and stays configured, and so must the class.
+    let _ = rig.control_out(0x00, 0x09, 2, 0, &[]);
+    assert!(rig.class.is_configured());
+    let in_idx = usize::from(found.bulk_in & 0x0f);
+    let mut got = None;
+    for _ in 0..20 {
+        rig.poll();
+        if let Some(p) = rig.bus.host_in(in_idx) {
+            got = Some(p);
+            break;
+        }
+    }
+    let first = got.expect("the key went silent after a refused SET_CONFIGURATION");
+    assert_eq!(first.first(), Some(&b'*'));
+}
