@@ -144,7 +144,7 @@ def usb_read(name, label, speed, maxp):
     return c
 
 
-# ---- 3: hot-plug in the daemon ----
+# ---- 3 and 6: hot-plug in the daemon ----
 def segments(out, rec):
     """Splits OUT into pieces of REC, searching only forward: a piece found
     proves order and no duplicates. Returns [(out_off, rec_off, len)] or an
@@ -166,19 +166,34 @@ def segments(out, rec):
     return segs
 
 
-def hotplug():
-    c = Check("hotplug", "`run` with no key at start; plug, unplug, plug; SIGTERM")
-    c.logs += ["hp.log", "hp.key.log", "relay.log"]
-    s0, s1, su, s2 = (load_json(f"hp.status{x}.json") for x in ("0", "1", "-unplugged", "2"))
+def hotplug(name, label, what, keyed_within, found_by):
+    """NAME.*: `run --output` with no key at start; plug, unplug, plug.
+    FOUND_BY is how the daemon must have found the key each time: "event"
+    (udev's hot-plug events, "key plugged in") or "rescan" ("key found",
+    and no hot-plug event at all)."""
+    c = Check(label, what)
+    c.logs += [f"{name}.log", f"{name}.key.log"] + (["relay.log"] if found_by == "event" else [])
+    s0, s1, su, s2 = (load_json(f"{name}.status{x}.json") for x in ("0", "1", "-unplugged", "2"))
     c.ok(s0 is not None and s0.get("keys") == [], "status before any key: no keys")
     for n in (1, 2):
-        k = text(f"hp.keyed{n}")
-        c.ok(k is not None and float(k) <= 10, f"plug {n}: keyed {k} s after the gadget was bound")
-    log = read("hp.log", "r") or ""
+        k = text(f"{name}.keyed{n}")
+        c.ok(k is not None and float(k) <= keyed_within,
+             f"plug {n}: keyed {k} s after the gadget was bound (limit {keyed_within} s)")
+    log = read(f"{name}.log", "r") or ""
+    events = [l for l in log.splitlines() if "key plugged in" in l]
+    scans = [l for l in log.splitlines() if "key found" in l]
+    if found_by == "event":
+        c.ok(len(events) >= 2, f"the daemon saw {len(events)} hot-plug arrivals (want 2)")
+    else:
+        c.ok(text(f"{name}.listeners") == "", "no uevent relay or udevd running "
+             f"(pids: {text(f'{name}.listeners')!r})")
+        c.ok(len(scans) >= 2 and not events,
+             f"the rescan found the key {len(scans)} times (want 2); "
+             f"{len(events)} hot-plug arrivals (want 0)")
     c.ok(re.search(r"key (gone|unplugged)", log) is not None,
          "the daemon logged the loss: " + "; ".join(
              l.split("  ", 1)[-1] for l in log.splitlines() if re.search(r"key (gone|unplugged)", l)))
-    c.ok(text("hp.alive") == "alive", "the daemon kept running after the unplug")
+    c.ok(text(f"{name}.alive") == "alive", "the daemon kept running after the unplug")
     uk = (su or {}).get("keys") or [{}]
     c.ok(len(uk) == 1 and uk[0].get("connected") is False, "status while unplugged: the key, not connected")
     keys = (s2 or {}).get("keys") or []
@@ -186,11 +201,11 @@ def hotplug():
     c.ok(len(keys) == 1 and k.get("connects", 0) >= 2 and k.get("running") is True,
          f"status after the re-plug: one key entry, connects={k.get('connects')}, "
          f"running={k.get('running')}, serial={k.get('serial')}")
-    c.ok(text("hp.rc") == "0", f"the daemon exited {text('hp.rc')} on SIGTERM")
+    c.ok(text(f"{name}.rc") == "0", f"the daemon exited {text(f'{name}.rc')} on SIGTERM")
 
-    out, rec = read("hp.out"), read("hp.rec")
+    out, rec = read(f"{name}.out"), read(f"{name}.rec")
     if out is None or rec is None:
-        c.ok(False, "hp.out or hp.rec missing")
+        c.ok(False, f"{name}.out or {name}.rec missing")
         return c
     segs = segments(out, rec)
     if isinstance(segs, str):
@@ -281,9 +296,12 @@ def main():
     checks = [
         usb_read("hs", "usb-highspeed", 480, 512),
         usb_read("fs", "usb-fullspeed", 12, 64),
-        hotplug(),
+        hotplug("hp", "hotplug", "`run` with no key at start; plug, unplug, plug (udev events "
+                "from the relay); SIGTERM", 10, "event"),
         tty(),
         guest_egd(),
+        hotplug("nu", "hotplug-no-udev", "the same with no udev events: the daemon's 5 s USB "
+                "rescan finds the key", 15, "rescan"),
     ]
     if INFRA:
         for c in checks:

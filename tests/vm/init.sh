@@ -23,12 +23,11 @@ mkdir -p /tmp /r
 EKEY=/bin/ekey-host
 KEYRING=/etc/keyring      # the demo key's serial and long-term key
 RATE=8000                 # software key rate (bytes/s): twice a real key's (~86 frames/s, <4 kB/s)
-ONLY=""                   # run only these steps (vmonly=hs,tty,hp,fs,egd; debugging)
+ONLY=""                   # run only these steps (vmonly=hs,tty,hp,nu,fs,egd; debugging)
 for a in $(cat /proc/cmdline); do
   case $a in vmrate=*) RATE=${a#vmrate=};; vmonly=*) ONLY=${a#vmonly=};; vmlog=*) export EKEY_LOG=${a#vmlog=};; esac
 done
 step() { [ -z "$ONLY" ] || echo ",$ONLY," | grep -q ",$1,"; }
-CTL=/tmp/ctl              # the daemon's control socket (hot-plug step)
 G=/sys/kernel/config/usb_gadget/ekey
 
 # Debugging knobs, from the kernel command line (EKEY_VM_APPEND=... tests/vm/run):
@@ -67,12 +66,9 @@ insmod $M/dummy_hcd.ko || say "insmod dummy_hcd FAILED"   # high speed (480 Mb/s
 mount -t configfs none /sys/kernel/config
 say "init start; UDC: $(ls /sys/class/udc)"
 
-# A static (glibc) ekey-host gets its randomness from getrandom's file
-# fallback, which polls /dev/random until the kernel's generator is ready;
-# nothing in a fresh TCG guest makes it ready for minutes. Reading
-# /dev/random once makes the kernel gather jitter entropy now (~1 s).
-dd if=/dev/random of=/dev/null bs=1 count=1 2>/dev/null
-say "kernel random generator ready"
+# No /dev/random read here: the static ekey-host calls getrandom() (built
+# with getrandom_backend="linux_getrandom", see run), which makes the kernel
+# gather jitter entropy at once; the guest runs without any such help.
 
 # ---- the gadget: CDC-ACM with the Entropy Key's ids ----
 # The USB serial string is the key's serial, as on the product; the daemon
@@ -162,39 +158,58 @@ read_step tty 65536 --device /dev/ttyACM0
 stop_key
 fi
 
-# ---- 3. hotplug: the daemon starts with no key attached ----
-if step hp; then
-say "hotplug"
-start_key hp 3333333333333333333333333333333333333333333333333333333333333333
-/bin/uevent-relay 2> /r/relay.log &       # udevd's part, for nusb's hot-plug watch
-$EKEY run --keyring $KEYRING --output /r/hp.out --control $CTL 2> /r/hp.log &
-DAEMON=$!
-wait_for 10 test -S $CTL || say "hotplug: no control socket"
+# hotplug_step NAME SEED: `ekey-host run --output /r/NAME.out` started with
+# no key; plug (wait until keyed), stream 56 KiB, unplug (the loss, the
+# daemon alive), plug again (keyed again), stream 56 KiB, SIGTERM.
+hotplug_step() {
+  HP=$1; CTL=/tmp/$HP.ctl
+  start_key $HP $2
+  $EKEY run --keyring $KEYRING --output /r/$HP.out --control $CTL 2> /r/$HP.log &
+  DAEMON=$!
+  wait_for 10 test -S $CTL || say "$HP: no control socket"
+  status > /r/$HP.status0.json                              # before: no key
+  for n in 1 2; do
+    t0=$(up); plug
+    # keyed: the daemon's status says the key is running
+    if wait_for 20 running; then echo "$(echo "$(up) - $t0" | bc)" > /r/$HP.keyed$n; fi
+    say "$HP: plug $n, keyed after $(cat /r/$HP.keyed$n 2>/dev/null || echo never) s"
+    want=$(($(size) + 57344)); wait_for 40 grow $want     # let it stream 56 KiB more
+    status > /r/$HP.status$n.json
+    if [ $n = 1 ]; then
+      unplug
+      wait_for 10 sh -c "$EKEY status --json --control $CTL | grep -q '\"connected\": false'"
+      sleep 1
+      kill -0 $DAEMON && echo alive > /r/$HP.alive
+      status > /r/$HP.status-unplugged.json
+      say "$HP: unplugged at $(size) bytes; daemon $(cat /r/$HP.alive 2>/dev/null || echo GONE)"
+    fi
+  done
+  kill -TERM $DAEMON; wait $DAEMON; echo $? > /r/$HP.rc
+  stop_key
+  [ -s /r/$HP.keyed1 ] && [ -s /r/$HP.keyed2 ] && [ "$(cat /r/$HP.rc)" = 0 ] ||
+    { show $HP.log 40; show $HP.key.log; }
+  say "$HP: daemon stopped (exit $(cat /r/$HP.rc)), $(size) bytes"
+}
 status() { $EKEY status --json --control $CTL; }
 running() { status | grep -q '"running": true'; }
-size() { stat -c %s /r/hp.out 2>/dev/null || echo 0; }
+size() { stat -c %s /r/$HP.out 2>/dev/null || echo 0; }
 grow() { [ $(size) -ge $1 ]; }
-status > /r/hp.status0.json                               # before: no key
-for n in 1 2; do
-  t0=$(up); plug
-  # keyed: the daemon's status says the key is running
-  if wait_for 20 running; then echo "$(echo "$(up) - $t0" | bc)" > /r/hp.keyed$n; fi
-  say "hotplug: plug $n, keyed after $(cat /r/hp.keyed$n 2>/dev/null || echo never) s"
-  want=$(($(size) + 57344)); wait_for 40 grow $want      # let it stream 56 KiB more
-  status > /r/hp.status$n.json
-  if [ $n = 1 ]; then
-    unplug
-    wait_for 10 sh -c "$EKEY status --json --control $CTL | grep -q '\"connected\": false'"
-    sleep 1
-    kill -0 $DAEMON && echo alive > /r/hp.alive
-    status > /r/hp.status-unplugged.json
-    say "hotplug: unplugged at $(size) bytes; daemon $(cat /r/hp.alive 2>/dev/null || echo GONE)"
-  fi
-done
-kill -TERM $DAEMON; wait $DAEMON; echo $? > /r/hp.rc
-stop_key
-[ -s /r/hp.keyed1 ] && [ -s /r/hp.keyed2 ] && [ "$(cat /r/hp.rc)" = 0 ] || { show hp.log 40; show hp.key.log; show relay.log; }
-say "hotplug: daemon stopped (exit $(cat /r/hp.rc)), $(size) bytes"
+
+# ---- 3. hotplug: hot-plug events (nusb's watch, fed by the relay) ----
+if step hp; then
+say "hotplug"
+/bin/uevent-relay 2> /r/relay.log &       # udevd's part, for nusb's hot-plug watch
+RELAY=$!
+hotplug_step hp 3333333333333333333333333333333333333333333333333333333333333333
+kill $RELAY; wait $RELAY
+[ -s /r/hp.keyed1 ] && [ -s /r/hp.keyed2 ] || show relay.log
+fi
+
+# ---- 6. hotplug-no-udev: no relay, no udevd: the daemon's USB rescan ----
+if step nu; then
+say "hotplug-no-udev"
+pidof uevent-relay udevd systemd-udevd > /r/nu.listeners   # empty: nobody sends udev events
+hotplug_step nu 6666666666666666666666666666666666666666666666666666666666666666
 fi
 
 # ---- 2. usb-fullspeed: dummy_hcd at 12 Mb/s (64-byte bulk packets) ----
