@@ -625,7 +625,19 @@ fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses, s
                     }
                     Ok(Ended::Closed) => info!("{where_}: key unplugged"),
                     Ok(Ended::OutputClosed) => {}
-                    Err(e) => info!("{where_}: key gone: {e}"),
+                    Err(e) => {
+                        // An unplugged key's transfers fail with whatever
+                        // the host controller makes of it; tell the two
+                        // apart by whether the device is still there.
+                        let still_there = usb::list()
+                            .await
+                            .is_ok_and(|l| l.iter().any(|d| d.id() == id));
+                        if still_there {
+                            warn!("{where_}: the key stopped working: {e}");
+                        } else {
+                            info!("{where_}: key unplugged ({e})");
+                        }
+                    }
                 },
                 Err(e) => {
                     warn!("{e}");
