@@ -86,10 +86,11 @@ fn repeated_blocks_are_caught() {
     assert_caught(&["--fault-noise", "repeat"], "repeat", "", 1);
 }
 
-#[test]
-fn a_failure_mode_closes_the_gate() {
-    let dir = Scratch::new("gate-failure");
-    let (_emu, daemon) = start(&dir, &["--fault-failure-mode", "3"]);
+/// A key whose report closes the gate: closed for `reason`, nothing
+/// written.
+fn assert_refused(extra: &[&str], name: &str, reason: &str) {
+    let dir = Scratch::new(name);
+    let (_emu, daemon) = start(&dir, extra);
     assert!(
         wait_for(20, || gate(&daemon)["open"] == false),
         "{}",
@@ -99,28 +100,28 @@ fn a_failure_mode_closes_the_gate() {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    assert!(why.contains("key reports"), "{why}");
+    assert!(why.contains(reason), "{name}: {why}");
     assert!(daemon.terminate());
     assert_eq!(std::fs::metadata(dir.path("out.bin")).unwrap().len(), 0);
 }
 
 #[test]
+fn a_failure_mode_closes_the_gate() {
+    assert_refused(
+        &["--fault-failure-mode", "3"],
+        "gate-failure",
+        "key reports",
+    );
+}
+
+#[test]
 fn an_overheating_key_is_refused_and_a_warm_one_only_warned_about() {
     // 370.0 K = 96.85 °C: above the 85 °C limit.
-    let dir = Scratch::new("gate-hot");
-    let (_emu, daemon) = start(&dir, &["--fault-temperature", "3700"]);
-    assert!(
-        wait_for(20, || gate(&daemon)["open"] == false),
-        "{}",
-        daemon.status()
+    assert_refused(
+        &["--fault-temperature", "3700"],
+        "gate-hot",
+        "temperature 96.8",
     );
-    let why = gate(&daemon)["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(why.contains("temperature 96.8"), "{why}");
-    assert!(daemon.terminate());
-    assert_eq!(std::fs::metadata(dir.path("out.bin")).unwrap().len(), 0);
 
     // 350.0 K = 76.85 °C: above the 70 °C warning, below the limit.
     let dir = Scratch::new("gate-warm");
