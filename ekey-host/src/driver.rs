@@ -335,16 +335,14 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             if session.has_transmit() {
                 break;
             }
-            // A read that is not ready at once is dropped unfinished, which
-            // loses nothing: reads are cancel-safe.
-            match tokio::time::timeout(Duration::ZERO, link.read(&mut buf)).await {
-                Ok(Ok(0)) => return Ok(Ended::Closed),
-                Ok(Ok(m)) => {
+            match try_read(link, &mut buf) {
+                Some(Ok(0)) => return Ok(Ended::Closed),
+                Some(Ok(m)) => {
                     len = m;
                     taken += m;
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => break,
+                Some(Err(e)) => return Err(e),
+                None => break,
             }
         }
         session.handle_timeout(now());
@@ -359,6 +357,19 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         if !fast && !coalesce.is_zero() && !session.has_transmit() {
             tokio::time::sleep(coalesce).await;
         }
+    }
+}
+
+/// Reads what `link` has ready now, without waiting and without asking to
+/// be woken (no timer, no extra wake-up): `None` if nothing is ready.
+fn try_read(link: &mut Link, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    use std::task::{Context, Poll, Waker};
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut rb = tokio::io::ReadBuf::new(buf);
+    match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut **link), &mut cx, &mut rb) {
+        Poll::Ready(Ok(())) => Some(Ok(rb.filled().len())),
+        Poll::Ready(Err(e)) => Some(Err(e)),
+        Poll::Pending => None,
     }
 }
 

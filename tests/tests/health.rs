@@ -221,3 +221,32 @@ fn test_command_passes_a_good_key_and_fails_a_bad_one() {
         .unwrap();
     assert!(monobit >= 10, "{text}");
 }
+
+#[test]
+fn test_command_fails_when_a_key_cannot_be_tested_and_refuses_bad_counts() {
+    // One key works, the other is not there: not a pass.
+    let out = Command::new(ekey_host())
+        .args([
+            "test",
+            "-n",
+            "1",
+            "--emulate",
+            "--rate",
+            "40000",
+            "--device",
+            "/nonexistent/tty",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("/nonexistent/tty: not tested"), "{text}");
+    for bad in ["0", "100001", "x"] {
+        let out = Command::new(ekey_host())
+            .args(["test", "-n", bad, "--emulate"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "-n {bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--blocks"));
+    }
+}
