@@ -55,6 +55,10 @@ struct KeySources {
     /// Entropy rate of the built-in software key, bytes per second.
     #[arg(long, value_name = "BYTES/S", default_value_t = 4000)]
     rate: u32,
+    /// With --emulate: append every block the built-in key sends to this
+    /// file (mode 0600), in order, so that what came out can be traced.
+    #[arg(long, value_name = "FILE", requires = "emulate")]
+    record: Option<PathBuf>,
     #[command(flatten)]
     health: HealthArgs,
 }
@@ -496,15 +500,8 @@ fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
             (Box::new(io::BufWriter::new(io::stdout())), regular)
         }
         Some(p) => {
-            use std::os::unix::fs::OpenOptionsExt;
             // Entropy is secret material: not readable by others.
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(p)
-                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            let f = create_private(p)?;
             let regular = f.metadata().is_ok_and(|m| m.is_file());
             (Box::new(io::BufWriter::with_capacity(64 * 32, f)), regular)
         }
@@ -540,6 +537,19 @@ fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
             .map_err(|e| format!("cannot start the output thread: {e}"))?;
     }
     Ok(Some(Output { tx, done, written }))
+}
+
+/// Creates (or truncates) `path` readable by its owner only: what goes in
+/// is entropy.
+fn create_private(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))
 }
 
 /// Every key's status, growing as keys are plugged in.
@@ -756,9 +766,16 @@ async fn run(
             "software key {} (demo keys; bytes come from the OS generator, not from noise)",
             DEMO_SERIAL
         );
+        let mut record: Option<Box<dyn Write + Send>> = match &keys.record {
+            Some(p) => Some(Box::new(create_private(p)?)),
+            None => None,
+        };
         tokio::spawn(async move {
             let mut key = SoftKey::demo();
-            let _ = soft::serve(&mut key_end, &mut key, slot, None).await;
+            let rec = record.as_deref_mut().map(|w| w as _);
+            if let Err(e) = soft::serve(&mut key_end, &mut key, slot, rec).await {
+                warn!("built-in software key: {e}");
+            }
         });
         let mut ctx = ctx.clone();
         tokio::spawn(async move {
@@ -1720,11 +1737,7 @@ async fn emulate(args: EmulateArgs) -> Result<(), String> {
         key.script_noise(&hex::decode(h.trim()).map_err(|e| format!("--noise-prefix: {e}"))?);
     }
     let mut rec: Option<Box<dyn Write + Send>> = match &record {
-        Some(p) => {
-            Some(Box::new(std::fs::File::create(p).map_err(|e| {
-                format!("cannot create {}: {e}", p.display())
-            })?))
-        }
+        Some(p) => Some(Box::new(create_private(p)?)),
         None => None,
     };
     let slot = soft::slot_for_rate(rate);

@@ -254,7 +254,7 @@ def tty():
 
 # ---- 5: a guest's /dev/hwrng fed by the daemon here over rng-egd ----
 def guest_egd():
-    c = Check("guest-egd", "guest /dev/hwrng (virtio-rng, rng-egd) gets the daemon's bytes")
+    c = Check("guest-egd", "guest /dev/hwrng (virtio-rng, rng-egd) gets the bytes of `run --emulate --record --egd-tcp`")
     c.logs += ["egd-daemon.log", "egd-key.log"]
     cur = text("hwrng.current")
     c.ok(cur == "virtio_rng.0", f"guest hwrng is {cur}")
