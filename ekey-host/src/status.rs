@@ -89,9 +89,12 @@ pub fn gate_json(g: &GateStatus) -> Value {
 }
 
 /// Where a key's verified bytes went. `received` = `discarded` +
-/// `in_gate` + the outputs + `queued` (released, not yet taken by an
-/// output); at each output the bytes are credited to the kernel (or mixed
-/// without credit with `--kernel=0`), served over EGD, or written.
+/// `in_gate` + `to_kernel` + `to_egd` + `to_file` + `unused` (no output
+/// asked for, or past `read`'s limit) + `queued` (released, not yet taken
+/// by an output). `to_kernel` bytes are credited (or mixed in without
+/// credit with `--kernel=0`) as the kernel output writes them; `to_egd`
+/// bytes go to the EGD server's pool (at most 16 KiB), from which clients
+/// are served: the server's own counters say how much was served.
 pub fn accounting_json(st: &KeyStatus) -> Value {
     let c = &st.gate.counters;
     let o = &st.outputs;
@@ -218,13 +221,15 @@ pub fn render(doc: &Value) -> String {
         let a = &k["accounting"];
         let _ = writeln!(
             out,
-            "  bytes        {} received, {} discarded, {} in the gate; to kernel {}, EGD {}, file {}",
+            "  bytes        {} received = {} discarded + {} in the gate + {} to the kernel + {} to the EGD pool + {} to the file + {} unused + {} queued",
             human_bytes(a["received"].as_u64().unwrap_or(0)),
             human_bytes(a["discarded"].as_u64().unwrap_or(0)),
             human_bytes(a["in_gate"].as_u64().unwrap_or(0)),
             human_bytes(a["to_kernel"].as_u64().unwrap_or(0)),
             human_bytes(a["to_egd"].as_u64().unwrap_or(0)),
             human_bytes(a["to_file"].as_u64().unwrap_or(0)),
+            human_bytes(a["unused"].as_u64().unwrap_or(0)),
+            human_bytes(a["queued"].as_u64().unwrap_or(0)),
         );
         let _ = writeln!(
             out,

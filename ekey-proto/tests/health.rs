@@ -1454,3 +1454,35 @@ fn a_device_report_spanning_several_windows_is_held_to_the_same_rate() {
     gate.observe(&fips(600, 11));
     assert!(!gate.is_open());
 }
+
+#[test]
+fn ten_thousand_blocks_from_a_software_key() {
+    // A good key (ChaCha20 noise) through the whole protocol: 10,000 FIPS
+    // blocks (25 MB, ~780,000 frames, several re-keys) into the gate.
+    let mut rig = Rig::new(Good(ChaCha20Rng::seed_from_u64(10_000)), device());
+    rig.run_blocks(10_000);
+    let s = rig.gate.status();
+    let c = s.counters;
+    assert_eq!(c.blocks_tested, 10_000);
+    // The gate never closed: P(close) for a good key over 10,000 blocks is
+    // about 2e-6 (module docs).
+    assert_eq!(c.times_closed, 0);
+    assert!(s.open);
+    // Failed blocks within chance: P(Binomial(10,000, 8e-4) > 25) < 1e-6.
+    assert!(c.blocks_failed <= 25, "{} failed", c.blocks_failed);
+    assert!(rig.session.counters().rekeys >= 2);
+    // The link is perfect: the session verified exactly what was sent.
+    assert!(rig.pushed[..] == rig.sent[..rig.pushed.len()]);
+    // Released = the pushed stream minus the blocks that failed, in order.
+    let stream: Vec<u8> = rig.pushed.concat();
+    let mut expected = Vec::new();
+    for (block, report) in stream.chunks_exact(FIPS_BLOCK_BYTES).zip(&rig.reports) {
+        assert_eq!(report.released, report.passed());
+        if report.passed() {
+            expected.extend_from_slice(block);
+        }
+    }
+    let out: Vec<u8> = rig.released.concat();
+    assert!(out.len() + FIPS_BLOCK_BYTES >= expected.len());
+    assert!(out[..] == expected[..out.len()]);
+}

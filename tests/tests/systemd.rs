@@ -125,3 +125,27 @@ fn not_ready_while_no_key_is_keyed_unless_told_not_to_wait() {
     let msgs = messages_for(&sock, 10.0, Some("READY=1"));
     assert!(has_line(&msgs, "READY=1"), "{msgs:?}");
 }
+
+#[test]
+fn ready_comes_as_soon_as_the_key_is_keyed_not_at_the_next_ping() {
+    // The shipped unit's WatchdogSec=30: pings every 15 s. READY=1 must not
+    // wait for one of them.
+    let dir = Scratch::new("sd-prompt");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let emu = Emulator::start(&["--unix", dir.path("key.sock").to_str().unwrap()]);
+    let (_run, sock) = start(
+        &dir,
+        &[
+            "--device",
+            emu.path.to_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+        ],
+        Some(30_000_000),
+    );
+    let t0 = Instant::now();
+    let msgs = messages_for(&sock, 10.0, Some("READY=1"));
+    assert!(has_line(&msgs, "READY=1"), "{msgs:?}");
+    // A key is keyed within about a second here.
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
