@@ -989,7 +989,7 @@ async fn run(
             permit = reserve_block(egd_tx.as_ref()), if pending.is_some() => {
                 let Ok(permit) = permit else { break };
                 if let Some(block) = pending.take() {
-                    permit.send(block.data);
+                    permit.send((block.data, block.serial));
                     block.book(32, |o| &mut o.egd);
                 }
             }
@@ -1340,7 +1340,7 @@ async fn start_egd(
     o: &Outputs,
 ) -> Result<
     (
-        Option<mpsc::Sender<[u8; 32]>>,
+        Option<mpsc::Sender<egd::SourceBlock>>,
         Option<Arc<Mutex<egd::EgdStats>>>,
         Option<PathBuf>,
     ),
@@ -1380,7 +1380,7 @@ async fn start_egd(
         ..egd::EgdConfig::default()
     };
     let stats = Arc::new(Mutex::new(egd::EgdStats::default()));
-    let (tx, rx) = mpsc::channel::<[u8; 32]>(8);
+    let (tx, rx) = mpsc::channel::<egd::SourceBlock>(8);
     let st = stats.clone();
     tokio::spawn(async move {
         if let Err(e) = egd::serve(listeners, config, rx, st).await {
@@ -1426,9 +1426,9 @@ fn start_kernel(
 }
 
 /// Room in a block queue (pending forever when there is none).
-async fn reserve_block(
-    tx: Option<&mpsc::Sender<[u8; 32]>>,
-) -> Result<mpsc::Permit<'_, [u8; 32]>, mpsc::error::SendError<()>> {
+async fn reserve_block<T>(
+    tx: Option<&mpsc::Sender<T>>,
+) -> Result<mpsc::Permit<'_, T>, mpsc::error::SendError<()>> {
     match tx {
         Some(tx) => tx.reserve().await,
         None => std::future::pending().await,
@@ -1502,7 +1502,19 @@ impl Daemon {
                 let mut doc =
                     status::status_json(&snapshot, std::time::Instant::now(), self.started);
                 if let Some(e) = &self.egd {
-                    doc["egd"] = e.lock().unwrap_or_else(|p| p.into_inner()).to_json();
+                    let e = e.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    // Per key: of the bytes handed to the EGD pool, how
+                    // many clients got.
+                    if let Some(keys) = doc["keys"].as_array_mut() {
+                        for (k, st) in keys.iter_mut().zip(&snapshot) {
+                            let served = st
+                                .serial
+                                .and_then(|s| e.served_by_key.get(&s).copied())
+                                .unwrap_or(0);
+                            k["accounting"]["egd_served"] = serde_json::json!(served);
+                        }
+                    }
+                    doc["egd"] = e.to_json();
                 }
                 if let Some(k) = &self.kernel {
                     let k = k.lock().unwrap_or_else(|p| p.into_inner()).clone();

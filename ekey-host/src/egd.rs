@@ -64,7 +64,7 @@
 //! the hub wants a block); the daemon can also just drop the future. Either
 //! way every client connection is closed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -79,6 +79,8 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use ekey_proto::keys::Serial;
 
 /// Most bytes a waiting client is granted per round-robin turn.
 pub const CHUNK: usize = 32;
@@ -143,6 +145,59 @@ pub struct EgdStats {
     pub rejected_clients: u64,
     /// Clients closed for an unknown command or a truncated request.
     pub closed_for_protocol_errors: u64,
+    /// Entropy bytes written to clients, by the key they came from.
+    pub served_by_key: BTreeMap<Serial, u64>,
+}
+
+/// A verified block for the pool and the key it came from.
+pub type SourceBlock = ([u8; 32], Serial);
+
+/// Which key each byte of a byte queue came from, as runs in queue order
+/// (kept beside the bytes, so the bytes themselves stay a plain queue).
+#[derive(Default)]
+struct Runs(VecDeque<(Serial, usize)>);
+
+impl Runs {
+    fn push_back(&mut self, key: Serial, len: usize) {
+        match self.0.back_mut() {
+            Some((k, n)) if *k == key => *n += len,
+            _ => self.0.push_back((key, len)),
+        }
+    }
+
+    /// Takes the runs of the first `len` bytes.
+    fn take_front(&mut self, mut len: usize) -> Vec<(Serial, usize)> {
+        let mut out = Vec::new();
+        while len > 0 {
+            let Some((key, n)) = self.0.front_mut() else {
+                break;
+            };
+            let take = (*n).min(len);
+            out.push((*key, take));
+            *n -= take;
+            len -= take;
+            if *n == 0 {
+                self.0.pop_front();
+            }
+        }
+        out
+    }
+
+    fn extend_back(&mut self, runs: Vec<(Serial, usize)>) {
+        for (k, n) in runs {
+            self.push_back(k, n);
+        }
+    }
+
+    /// Puts `runs` (in queue order) back in front.
+    fn extend_front(&mut self, runs: Vec<(Serial, usize)>) {
+        for (k, n) in runs.into_iter().rev() {
+            match self.0.front_mut() {
+                Some((fk, fn_)) if *fk == k => *fn_ += n,
+                _ => self.0.push_front((k, n)),
+            }
+        }
+    }
 }
 
 impl EgdStats {
@@ -162,6 +217,9 @@ impl EgdStats {
             "total_clients": self.total_clients,
             "rejected_clients": self.rejected_clients,
             "closed_for_protocol_errors": self.closed_for_protocol_errors,
+            "served_by_key": self.served_by_key.iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect::<serde_json::Map<String, Value>>(),
         })
     }
 
@@ -254,7 +312,7 @@ pub fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixL
 pub async fn serve(
     listeners: Vec<EgdListener>,
     config: EgdConfig,
-    mut source: mpsc::Receiver<[u8; 32]>,
+    mut source: mpsc::Receiver<SourceBlock>,
     stats: Arc<Mutex<EgdStats>>,
 ) -> io::Result<()> {
     let ctx = Arc::new(Ctx {
@@ -299,6 +357,8 @@ impl Ctx {
 struct Hub {
     /// Bytes from the source not yet granted, oldest first.
     pool: VecDeque<u8>,
+    /// The keys the pool's bytes came from.
+    pool_keys: Runs,
     slots: HashMap<u64, Slot>,
     /// Clients with `want > 0`, in round-robin order.
     waiters: VecDeque<u64>,
@@ -311,6 +371,8 @@ struct Slot {
     want: usize,
     /// Granted, not yet written to the socket.
     granted: VecDeque<u8>,
+    /// The keys the granted bytes came from.
+    granted_keys: Runs,
     wake: Arc<Notify>,
     bucket: Option<TokenBucket>,
 }
@@ -320,7 +382,10 @@ impl Hub {
     /// front of the pool.
     fn remove(&mut self, id: u64) {
         self.waiters.retain(|&w| w != id);
-        if let Some(slot) = self.slots.remove(&id) {
+        if let Some(mut slot) = self.slots.remove(&id) {
+            let len = slot.granted.len();
+            self.pool_keys
+                .extend_front(slot.granted_keys.take_front(len));
             for b in slot.granted.into_iter().rev() {
                 self.pool.push_front(b);
             }
@@ -359,6 +424,7 @@ impl Hub {
             }
             let n = turn.min(self.pool.len());
             slot.granted.extend(self.pool.drain(..n));
+            slot.granted_keys.extend_back(self.pool_keys.take_front(n));
             slot.want -= n;
             if let Some(b) = &mut slot.bucket {
                 b.take(n);
@@ -416,7 +482,7 @@ impl TokenBucket {
 
 /// Moves blocks from the source into the pool and grants them to waiting
 /// clients. Returns when the source is closed.
-async fn run_hub(ctx: &Ctx, source: &mut mpsc::Receiver<[u8; 32]>) {
+async fn run_hub(ctx: &Ctx, source: &mut mpsc::Receiver<SourceBlock>) {
     loop {
         let (need, wake) = {
             let mut hub = ctx.hub();
@@ -428,7 +494,11 @@ async fn run_hub(ctx: &Ctx, source: &mut mpsc::Receiver<[u8; 32]>) {
             biased;
             () = ctx.hub_wake.notified() => {}
             block = source.recv(), if need => match block {
-                Some(block) => ctx.hub().pool.extend(block),
+                Some((block, key)) => {
+                    let mut hub = ctx.hub();
+                    hub.pool.extend(block);
+                    hub.pool_keys.push_back(key, block.len());
+                }
                 None => return,
             },
             () = sleep, if wake.is_some() => {}
@@ -511,6 +581,7 @@ impl Client {
             let slot = Slot {
                 want: 0,
                 granted: VecDeque::new(),
+                granted_keys: Runs::default(),
                 wake: wake.clone(),
                 bucket: ctx.bucket(),
             };
@@ -655,6 +726,8 @@ impl Client {
                 b.take(count);
             }
             slot.granted.extend(hub.pool.drain(..count));
+            slot.granted_keys
+                .extend_back(hub.pool_keys.take_front(count));
             count
         };
         if count > 0 {
@@ -710,12 +783,19 @@ impl Client {
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            if let Some(slot) = self.ctx.hub().slots.get_mut(&self.id) {
-                slot.granted.drain(..written);
-            }
+            let keys = match self.ctx.hub().slots.get_mut(&self.id) {
+                Some(slot) => {
+                    slot.granted.drain(..written);
+                    slot.granted_keys.take_front(written)
+                }
+                None => Vec::new(),
+            };
             count -= written;
             let mut stats = self.ctx.stats();
             stats.total_served += written as u64;
+            for (key, n) in keys {
+                *stats.served_by_key.entry(key).or_default() += n as u64;
+            }
             if let Some(c) = stats.client(self.id) {
                 c.bytes_served += written as u64;
             }
@@ -751,6 +831,16 @@ mod tests {
 
     const T: Duration = Duration::from_secs(5);
 
+    /// Block `i` from a key whose serial says whether `i` is odd (so the
+    /// test can tell which key each served byte came from).
+    fn src(i: u64) -> SourceBlock {
+        (block(i), key_of(i))
+    }
+
+    fn key_of(i: u64) -> Serial {
+        Serial([u8::from(i % 2 == 1); 12])
+    }
+
     /// Block `i` of the test source: `i` as u64 little-endian, four times.
     fn block(i: u64) -> [u8; 32] {
         let mut b = [0u8; 32];
@@ -779,7 +869,7 @@ mod tests {
 
     struct Server {
         addr: SocketAddr,
-        tx: mpsc::Sender<[u8; 32]>,
+        tx: mpsc::Sender<SourceBlock>,
         stats: Arc<Mutex<EgdStats>>,
         _task: JoinHandle<io::Result<()>>,
     }
@@ -804,7 +894,7 @@ mod tests {
             let tx = self.tx.clone();
             tokio::spawn(async move {
                 for i in from.. {
-                    if tx.send(block(i)).await.is_err() {
+                    if tx.send(src(i)).await.is_err() {
                         break;
                     }
                 }
@@ -882,8 +972,8 @@ mod tests {
             ..EgdConfig::default()
         };
         let srv = Server::start(config, 8).await;
-        srv.tx.send(block(0)).await.unwrap();
-        srv.tx.send(block(1)).await.unwrap();
+        srv.tx.send(src(0)).await.unwrap();
+        srv.tx.send(src(1)).await.unwrap();
         let mut s = srv.connect().await;
 
         // 0x00: bits available, once the pool has taken both blocks.
@@ -921,8 +1011,8 @@ mod tests {
                 .await
                 .is_err()
         );
-        srv.tx.send(block(2)).await.unwrap();
-        srv.tx.send(block(3)).await.unwrap();
+        srv.tx.send(src(2)).await.unwrap();
+        srv.tx.send(src(3)).await.unwrap();
         assert_eq!(read_n(&mut s, 40).await, source[64..104]);
         // 0x03: parsed in full, no reply; 0x04: the pid.
         s.write_all(&[0x03, 0x01, 0x00, 3, 9, 9, 9, 0x03, 0, 8, 0])
@@ -982,7 +1072,7 @@ mod tests {
         let mut s = UnixStream::connect(&path).await.unwrap();
         assert_eq!(pid_reply(&mut s).await, std::process::id().to_string());
         s.write_all(&[0x02, 32]).await.unwrap();
-        tx.send(block(7)).await.unwrap();
+        tx.send(src(7)).await.unwrap();
         assert_eq!(read_n(&mut s, 32).await, block(7));
         let st = stats.lock().unwrap().clone();
         assert!(
@@ -1022,6 +1112,7 @@ mod tests {
             clients.push(tokio::spawn(qemu_client(s, 16, 4)));
         }
         let mut seen = HashSet::new();
+        let mut by_key: BTreeMap<Serial, u64> = BTreeMap::new();
         for c in clients {
             let got = c.await.unwrap();
             assert_eq!(got.len(), 16 * 64);
@@ -1029,10 +1120,13 @@ mod tests {
             assert!(nums.windows(2).all(|w| w[0] < w[1]), "out of order");
             for n in nums {
                 assert!(seen.insert(n), "block {n} served twice");
+                *by_key.entry(key_of(n)).or_default() += 32;
             }
         }
         srv.wait_for("all gone", |st| st.total_served == 32 * 16 * 64)
             .await;
+        // Every served byte is booked to the key its block came from.
+        assert_eq!(srv.stats().served_by_key, by_key);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -1077,7 +1171,7 @@ mod tests {
         })
         .await;
         for i in 0..fed {
-            srv.tx.send(block(i)).await.unwrap();
+            srv.tx.send(src(i)).await.unwrap();
         }
         let mut served = Vec::new();
         let mut seen = HashSet::new();
@@ -1178,6 +1272,25 @@ mod tests {
         assert_eq!(st.clients.len(), 1);
         assert_eq!(st.clients[0].requests_pending, 0);
         assert_eq!(st.total_clients, 2);
+        // The quitter's unwritten grants went back with their keys: the
+        // books by key still add up to what was served.
+        assert_eq!(st.served_by_key.values().sum::<u64>(), st.total_served);
+    }
+
+    #[test]
+    fn runs_split_and_merge() {
+        let (a, b) = (Serial([1; 12]), Serial([2; 12]));
+        let mut r = Runs::default();
+        r.push_back(a, 32);
+        r.push_back(a, 32);
+        r.push_back(b, 32);
+        assert_eq!(r.take_front(40), vec![(a, 40)]);
+        assert_eq!(r.take_front(40), vec![(a, 24), (b, 16)]);
+        // Given back in front, in order, merging with what is there.
+        r.extend_front(vec![(a, 24), (b, 16)]);
+        assert_eq!(r.0, VecDeque::from(vec![(a, 24), (b, 32)]));
+        assert_eq!(r.take_front(100), vec![(a, 24), (b, 32)]);
+        assert!(r.take_front(1).is_empty());
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -1239,7 +1352,7 @@ mod tests {
         };
         let srv = Server::start(config, 1000).await;
         for i in 0..1000 {
-            srv.tx.try_send(block(i)).unwrap();
+            srv.tx.try_send(src(i)).unwrap();
         }
         sleep(Duration::from_millis(50)).await;
         let taken = srv.tx.capacity();
@@ -1264,7 +1377,7 @@ mod tests {
         } = Server::start(EgdConfig::default(), 4).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(&[0x02, 64]).await.unwrap();
-        tx.send(block(0)).await.unwrap();
+        tx.send(src(0)).await.unwrap();
         assert_eq!(read_n(&mut s, 32).await, block(0));
         drop(tx);
         timeout(T, task).await.unwrap().unwrap().unwrap();
@@ -1281,6 +1394,7 @@ mod tests {
                 Slot {
                     want: 100,
                     granted: VecDeque::new(),
+                    granted_keys: Runs::default(),
                     wake: Arc::new(Notify::new()),
                     bucket: None,
                 },
@@ -1320,6 +1434,7 @@ mod tests {
             Slot {
                 want: 64,
                 granted: VecDeque::new(),
+                granted_keys: Runs::default(),
                 wake: Arc::new(Notify::new()),
                 bucket: Some(bucket),
             },

@@ -174,6 +174,10 @@ pub fn registry(s: &Snapshot) -> Registry {
         "key_output_queued_bytes",
         "Released bytes of the key on their way to an output",
     );
+    let egd_served = m.counter(
+        "key_egd_served_bytes",
+        "Bytes of the key that EGD clients received (of those handed to the EGD pool)",
+    );
     for k in &s.keys {
         let l = key_labels(k);
         let c = k.totals();
@@ -258,6 +262,13 @@ pub fn registry(s: &Snapshot) -> Registry {
             &l,
             k.outputs.queued(g.counters.bytes_released) as i64,
         );
+        if let Some(e) = &s.egd {
+            let served = k
+                .serial
+                .and_then(|sn| e.served_by_key.get(&sn).copied())
+                .unwrap_or(0);
+            add(&egd_served, &l, served);
+        }
     }
 
     let out_bytes = m.counter(

@@ -94,7 +94,8 @@ pub fn gate_json(g: &GateStatus) -> Value {
 /// by an output). `to_kernel` bytes are credited (or mixed in without
 /// credit with `--kernel=0`) as the kernel output writes them; `to_egd`
 /// bytes go to the EGD server's pool (at most 16 KiB), from which clients
-/// are served: the server's own counters say how much was served.
+/// are served; the control socket adds `egd_served`, how many of the key's
+/// bytes clients received.
 pub fn accounting_json(st: &KeyStatus) -> Value {
     let c = &st.gate.counters;
     let o = &st.outputs;
@@ -221,12 +222,13 @@ pub fn render(doc: &Value) -> String {
         let a = &k["accounting"];
         let _ = writeln!(
             out,
-            "  bytes        {} received = {} discarded + {} in the gate + {} to the kernel + {} to the EGD pool + {} to the file + {} unused + {} queued",
+            "  bytes        {} received = {} discarded + {} in the gate + {} to the kernel + {} to the EGD pool ({} served) + {} to the file + {} unused + {} queued",
             human_bytes(a["received"].as_u64().unwrap_or(0)),
             human_bytes(a["discarded"].as_u64().unwrap_or(0)),
             human_bytes(a["in_gate"].as_u64().unwrap_or(0)),
             human_bytes(a["to_kernel"].as_u64().unwrap_or(0)),
             human_bytes(a["to_egd"].as_u64().unwrap_or(0)),
+            human_bytes(a["egd_served"].as_u64().unwrap_or(0)),
             human_bytes(a["to_file"].as_u64().unwrap_or(0)),
             human_bytes(a["unused"].as_u64().unwrap_or(0)),
             human_bytes(a["queued"].as_u64().unwrap_or(0)),

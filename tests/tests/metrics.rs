@@ -153,6 +153,11 @@ fn metrics_move_and_add_up() {
             )
     );
     assert_eq!(value(&s, "ekey_egd_clients", &[]), 1.0);
+    // One key: everything served came from it.
+    assert_eq!(
+        value(&s, "ekey_key_egd_served_bytes_total", &[serial]),
+        served
+    );
 
     // Other paths.
     assert!(get(&addr, "/nothing").0.contains("404"));

@@ -70,6 +70,11 @@ fn qemu_style_egd_clients_get_exactly_what_they_ask_for_from_the_key() {
     let s = daemon.status();
     assert_eq!(s["egd"]["total_clients"], 8);
     assert!(s["egd"]["total_served"].as_u64().unwrap() >= 8 * 256);
+    // Per key (one key here): what clients got of its bytes.
+    assert_eq!(
+        s["keys"][0]["accounting"]["egd_served"],
+        s["egd"]["total_served"]
+    );
     drop(clients);
     emu.stop();
     let record = std::fs::read(&record).unwrap();
