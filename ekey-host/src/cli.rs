@@ -901,6 +901,7 @@ async fn run(
                 released_tx,
                 egd: egd_stats.clone(),
                 kernel: kernel_stats.clone(),
+                kernel_bits: outputs.kernel.unwrap_or(0),
             };
             tokio::spawn(serve_control(listener, daemon));
         }
@@ -982,7 +983,7 @@ async fn run(
                     return Err("the kernel output stopped (see the log)".into());
                 };
                 if let Some(block) = pending.take() {
-                    permit.send(block.data);
+                    permit.send((block.data, block.serial));
                     block.book(32, |o| &mut o.kernel);
                 }
             }
@@ -1396,7 +1397,7 @@ fn start_kernel(
     o: &Outputs,
 ) -> Result<
     (
-        Option<mpsc::Sender<[u8; 32]>>,
+        Option<mpsc::Sender<kernel::KeyBlock>>,
         Option<Arc<Mutex<kernel::KernelStats>>>,
     ),
     String,
@@ -1410,7 +1411,7 @@ fn start_kernel(
     // Fail now, with a clear message, rather than later in a task.
     let sink = kernel::RandomDevice::open().map_err(|e| format!("--kernel: {e}"))?;
     let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));
-    let (tx, rx) = mpsc::channel::<[u8; 32]>(8);
+    let (tx, rx) = mpsc::channel::<kernel::KeyBlock>(8);
     let st = stats.clone();
     if bits == 0 {
         info!("feeding the kernel without credit (--kernel=0)");
@@ -1473,6 +1474,8 @@ struct Daemon {
     released_tx: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
     egd: Option<Arc<Mutex<egd::EgdStats>>>,
     kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
+    /// Bits credited per byte by the kernel output.
+    kernel_bits: u8,
 }
 
 impl Daemon {
@@ -1518,6 +1521,19 @@ impl Daemon {
                 }
                 if let Some(k) = &self.kernel {
                     let k = k.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    // Per key: what the kernel accepted, and the credit.
+                    if let Some(keys) = doc["keys"].as_array_mut() {
+                        for (entry, st) in keys.iter_mut().zip(&snapshot) {
+                            let accepted = st
+                                .serial
+                                .and_then(|s| k.bytes_by_key.get(&s).copied())
+                                .unwrap_or(0);
+                            let a = &mut entry["accounting"];
+                            a["kernel_accepted"] = serde_json::json!(accepted);
+                            a["kernel_bits_credited"] =
+                                serde_json::json!(accepted * u64::from(self.kernel_bits));
+                        }
+                    }
                     doc["kernel"] = serde_json::json!({
                         "mode": k.mode.to_string(),
                         "bytes_written": k.bytes_written,

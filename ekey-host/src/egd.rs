@@ -155,10 +155,10 @@ pub type SourceBlock = ([u8; 32], Serial);
 /// Which key each byte of a byte queue came from, as runs in queue order
 /// (kept beside the bytes, so the bytes themselves stay a plain queue).
 #[derive(Default)]
-struct Runs(VecDeque<(Serial, usize)>);
+pub(crate) struct Runs(VecDeque<(Serial, usize)>);
 
 impl Runs {
-    fn push_back(&mut self, key: Serial, len: usize) {
+    pub(crate) fn push_back(&mut self, key: Serial, len: usize) {
         match self.0.back_mut() {
             Some((k, n)) if *k == key => *n += len,
             _ => self.0.push_back((key, len)),
@@ -166,7 +166,7 @@ impl Runs {
     }
 
     /// Takes the runs of the first `len` bytes.
-    fn take_front(&mut self, mut len: usize) -> Vec<(Serial, usize)> {
+    pub(crate) fn take_front(&mut self, mut len: usize) -> Vec<(Serial, usize)> {
         let mut out = Vec::new();
         while len > 0 {
             let Some((key, n)) = self.0.front_mut() else {

@@ -803,6 +803,7 @@ mod tests {
                 bits_credited: 700,
                 ioctl_failures: 2,
                 mode: Mode::Filling,
+                ..KernelStats::default()
             },
             bytes_received: 110,
             connections: 3,

@@ -156,6 +156,10 @@ pub struct KernelStats {
     pub ioctl_failures: u64,
     /// Current mode.
     pub mode: Mode,
+    /// Bytes the kernel accepted, by the key they came from (each credited
+    /// `bits_per_byte` bits); kept by [`run`], empty for a bare
+    /// [`KernelFeeder`].
+    pub bytes_by_key: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
 }
 
 /// Where entropy goes: the kernel ([`RandomDevice`]) or a fake in tests.
@@ -361,17 +365,20 @@ impl KernelFeeder {
 /// Every block in `source` must have passed the health checks.
 pub async fn run(
     config: KernelConfig,
-    source: mpsc::Receiver<[u8; 32]>,
+    source: mpsc::Receiver<KeyBlock>,
     stats: Arc<Mutex<KernelStats>>,
 ) -> io::Result<()> {
     let sink = RandomDevice::open()?;
     run_with(config, source, stats, sink).await
 }
 
+/// A verified block and the key it came from.
+pub type KeyBlock = ([u8; 32], ekey_proto::keys::Serial);
+
 /// [`run`] with any [`EntropySink`].
 pub async fn run_with(
     config: KernelConfig,
-    mut source: mpsc::Receiver<[u8; 32]>,
+    mut source: mpsc::Receiver<KeyBlock>,
     stats: Arc<Mutex<KernelStats>>,
     mut sink: impl EntropySink,
 ) -> io::Result<()> {
@@ -379,6 +386,9 @@ pub async fn run_with(
     tracing::info!("kernel: {}", feeder.mode());
     *stats.lock().unwrap_or_else(|e| e.into_inner()) = feeder.stats().clone();
     let mut pending = Zeroizing::new(Vec::<u8>::new());
+    let mut pending_keys = crate::egd::Runs::default();
+    let mut by_key = std::collections::BTreeMap::new();
+    let chunk = feeder.config.chunk();
     loop {
         let want = feeder.wants(Instant::now());
         if want == 0 {
@@ -396,21 +406,45 @@ pub async fn run_with(
         };
         while pending.len() < need {
             match source.recv().await {
-                Some(block) => pending.extend_from_slice(&block),
+                Some((block, key)) => {
+                    pending.extend_from_slice(&block);
+                    pending_keys.push_back(key, block.len());
+                }
                 None => return Ok(()),
             }
         }
         while pending.len() < want {
             match source.try_recv() {
-                Ok(block) => pending.extend_from_slice(&block),
+                Ok((block, key)) => {
+                    pending.extend_from_slice(&block);
+                    pending_keys.push_back(key, block.len());
+                }
                 Err(_) => break,
             }
         }
         let take = want.min(pending.len());
         let bytes = Zeroizing::new(pending.drain(..take).collect::<Vec<u8>>());
         let before = feeder.mode().clone();
-        let result = feeder.feed(Instant::now(), &mut sink, &bytes);
-        *stats.lock().unwrap_or_else(|e| e.into_inner()) = feeder.stats().clone();
+        // One write per piece, so that each key is booked only the bytes
+        // the kernel accepted.
+        let mut result = Ok(());
+        let now = Instant::now();
+        for piece in bytes.chunks(chunk) {
+            let keys = pending_keys.take_front(piece.len());
+            match feeder.feed(now, &mut sink, piece) {
+                Ok(()) => {
+                    for (key, n) in keys {
+                        *by_key.entry(key).or_insert(0) += n as u64;
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        {
+            let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
+            *st = feeder.stats().clone();
+            st.bytes_by_key = by_key.clone();
+        }
         if *feeder.mode() != before {
             tracing::info!("kernel: {}", feeder.mode());
         }
@@ -619,8 +653,13 @@ mod tests {
         let task = tokio::spawn(run_with(config, rx, stats.clone(), sink));
         // Filling takes whatever comes; then one topping mix is due after
         // an hour, so the rest stays in the channel (backpressure).
-        for _ in 0..10 {
-            tx.send([7; 32]).await.unwrap();
+        // Two keys, alternating blocks.
+        let keys = [
+            ekey_proto::keys::Serial([1; 12]),
+            ekey_proto::keys::Serial([2; 12]),
+        ];
+        for i in 0..10 {
+            tx.send(([7; 32], keys[i % 2])).await.unwrap();
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -628,6 +667,15 @@ mod tests {
         assert!(matches!(s.mode, Mode::Topping { .. }), "{s:?}");
         assert!(s.bytes_written >= 64 && s.bytes_written < 320, "{s:?}");
         assert_eq!(s.bits_credited, s.bytes_written * 7);
+        // Each key is booked exactly its accepted bytes: the written bytes
+        // are the first ones sent, alternating key by key in 32s.
+        let n = s.bytes_written;
+        let first = (0..n).filter(|b| (b / 32) % 2 == 0).count() as u64;
+        assert_eq!(s.bytes_by_key.get(&keys[0]).copied().unwrap_or(0), first);
+        assert_eq!(
+            s.bytes_by_key.get(&keys[1]).copied().unwrap_or(0),
+            n - first
+        );
         assert!(tx.capacity() < 64, "unwanted blocks stay queued");
         task.abort();
     }

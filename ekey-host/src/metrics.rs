@@ -174,6 +174,14 @@ pub fn registry(s: &Snapshot) -> Registry {
         "key_output_queued_bytes",
         "Released bytes of the key on their way to an output",
     );
+    let kernel_accepted = m.counter(
+        "key_kernel_bytes",
+        "Bytes of the key the kernel accepted (RNDADDENTROPY)",
+    );
+    let kernel_bits = m.counter(
+        "key_kernel_bits_credited",
+        "Entropy bits credited to the kernel for the key's bytes",
+    );
     let egd_served = m.counter(
         "key_egd_served_bytes",
         "Bytes of the key that EGD clients received (of those handed to the EGD pool)",
@@ -262,6 +270,18 @@ pub fn registry(s: &Snapshot) -> Registry {
             &l,
             k.outputs.queued(g.counters.bytes_released) as i64,
         );
+        if let Some(kst) = &s.kernel {
+            let accepted = k
+                .serial
+                .and_then(|sn| kst.bytes_by_key.get(&sn).copied())
+                .unwrap_or(0);
+            add(&kernel_accepted, &l, accepted);
+            add(
+                &kernel_bits,
+                &l,
+                accepted * u64::from(s.kernel_bits_per_byte),
+            );
+        }
         if let Some(e) = &s.egd {
             let served = k
                 .serial

@@ -94,8 +94,10 @@ pub fn gate_json(g: &GateStatus) -> Value {
 /// by an output). `to_kernel` bytes are credited (or mixed in without
 /// credit with `--kernel=0`) as the kernel output writes them; `to_egd`
 /// bytes go to the EGD server's pool (at most 16 KiB), from which clients
-/// are served; the control socket adds `egd_served`, how many of the key's
-/// bytes clients received.
+/// are served. The control socket adds, from the outputs' own books,
+/// `kernel_accepted` and `kernel_bits_credited` (what the kernel took of the
+/// key's bytes, and the credit) and `egd_served` (how many of the key's
+/// bytes EGD clients received).
 pub fn accounting_json(st: &KeyStatus) -> Value {
     let c = &st.gate.counters;
     let o = &st.outputs;

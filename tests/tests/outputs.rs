@@ -134,6 +134,12 @@ fn kernel_output_credits_the_configured_bits() {
         k["bits_credited"].as_u64().unwrap(),
         6 * k["bytes_written"].as_u64().unwrap()
     );
+    // Per key (one key here): the same bytes and bits, and never more than
+    // the key handed the kernel output.
+    let a = &s["keys"][0]["accounting"];
+    assert_eq!(a["kernel_accepted"], k["bytes_written"]);
+    assert_eq!(a["kernel_bits_credited"], k["bits_credited"]);
+    assert!(a["kernel_accepted"].as_u64().unwrap() <= a["to_kernel"].as_u64().unwrap());
 }
 
 fn nix_is_root() -> bool {
