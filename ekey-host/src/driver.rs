@@ -468,12 +468,15 @@ async fn deliver(
                     let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
                     let before = gate.is_open();
                     let report = gate.push(&data);
-                    // Room for everything the gate can hold, so that the
-                    // vector never moves (a move would leave an unwiped copy).
-                    let mut released = zeroize::Zeroizing::new(Vec::with_capacity(
-                        ekey_proto::health::OUTPUT_CAPACITY / 32 + 1,
-                    ));
+                    // Most frames release nothing (bytes come out a tested
+                    // block at a time): allocate only when some do, with room
+                    // for all the gate can hold, so that the vector never
+                    // moves (a move would leave an unwiped copy).
+                    let mut released = zeroize::Zeroizing::new(Vec::new());
                     while let Some(b) = gate.pop_released() {
+                        if released.capacity() == 0 {
+                            released.reserve_exact(ekey_proto::health::OUTPUT_CAPACITY / 32 + 1);
+                        }
                         released.push(b);
                     }
                     if let Some(r) = report.filter(|r| !r.passed()) {
