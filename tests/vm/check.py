@@ -214,33 +214,36 @@ def hotplug(name, label, what, keyed_within, found_by):
     c.note(f"output {len(out)} bytes, record {len(rec)} bytes; pieces of the record "
            f"(record offset, length): {[(r, n) for _, r, n in segs]}")
     # The bytes between pieces (and after the last) were sent but never
-    # verified: in flight at the unplug or at SIGTERM. Health-gate
-    # discards, if the daemon reports any, may add gaps.
-    discards = sum(v for kk, v in walk(s2) if "discard" in kk and isinstance(v, int))
-    gaps = [(segs[i][1] + segs[i][2], segs[i + 1][1] - (segs[i][1] + segs[i][2]))
+    # verified: in flight at the unplug or at SIGTERM. The health gate may
+    # also have discarded a 20,000-bit block that failed its tests by chance
+    # (about 1 in 1,250 blocks; where the blocks start depends on how much
+    # was lost at the unplug, so the noise seed cannot rule it out): such a
+    # gap is exactly 2,500 bytes, and the daemon logs each one.
+    gate_block = 2500
+    logged = len(re.findall(r"bits failed .* and was discarded", log))
+    gaps = [(i, segs[i][1] + segs[i][2], segs[i + 1][1] - (segs[i][1] + segs[i][2]))
             for i in range(len(segs) - 1)]
+    discard_gaps = [g for g in gaps if g[2] == gate_block]
+    unplug_gaps = [g for g in gaps if g[2] != gate_block]
     end = segs[-1][1] + segs[-1][2]
     c.ok(segs[0][1] == 0, f"the output starts with the key's first byte (record offset {segs[0][1]})")
-    c.ok(1 <= len(gaps) <= 1 + discards,
-         f"{len(gaps)} gap(s) (allowed: 1 for the unplug + {discards} health-gate discards): "
-         f"{gaps} (record offset, bytes)")
-    c.ok(all(g <= MAX_IN_FLIGHT for _, g in gaps) and len(rec) - end <= MAX_IN_FLIGHT,
-         f"every gap, and the {len(rec) - end} bytes sent after the last one delivered, "
+    c.ok(len(unplug_gaps) == 1,
+         f"{len(unplug_gaps)} gap(s) at the unplug (want 1): {[(r, n) for _, r, n in unplug_gaps]} "
+         f"(record offset, bytes)")
+    c.ok(len(discard_gaps) <= logged,
+         f"{len(discard_gaps)} gap(s) of one health-gate block, {logged} discard(s) logged by the daemon")
+    c.ok(all(n <= MAX_IN_FLIGHT for _, _, n in unplug_gaps) and len(rec) - end <= MAX_IN_FLIGHT,
+         f"the unplug gap, and the {len(rec) - end} bytes sent after the last one delivered, "
          f"within {MAX_IN_FLIGHT} bytes in flight")
-    c.ok(len(segs) >= 2 and segs[0][2] >= 49152 and segs[-1][2] >= 49152,
-         "at least 48 KiB delivered before the unplug and after the re-plug")
-    return c
-
-
-def walk(doc, key=""):
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            yield from walk(v, k)
-    elif isinstance(doc, list):
-        for v in doc:
-            yield from walk(v, key)
+    if len(unplug_gaps) == 1:
+        cut = unplug_gaps[0][0]
+        before = sum(n for _, _, n in segs[:cut + 1])
+        after = sum(n for _, _, n in segs[cut + 1:])
     else:
-        yield key, doc
+        before = after = 0
+    c.ok(before >= 49152 and after >= 49152,
+         f"at least 48 KiB delivered before the unplug ({before}) and after the re-plug ({after})")
+    return c
 
 
 # ---- 4: the tty path ----
