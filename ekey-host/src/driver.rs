@@ -260,6 +260,12 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     let now = || Instant::from_millis(base.elapsed().as_millis() as u64);
     let mut rng = getrandom::SysRng;
     let mut session = Session::new(config, now());
+    // The key's gate, looked up once rather than per frame.
+    let gate = status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .gate_handle
+        .clone();
     let mut buf = vec![0u8; 4096];
     let (mut reload_alive, mut released_alive) = (true, true);
     let mut unresponsive = false;
@@ -305,7 +311,7 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             }
             _ = sleep_until_opt(deadline) => {
                 session.handle_timeout(now());
-                match deliver(&mut session, status, blocks, on_event).await {
+                match deliver(&mut session, status, &gate, blocks, on_event).await {
                     Delivered::OutputClosed => return Ok(Ended::OutputClosed),
                     Delivered::Unresponsive => unresponsive = true,
                     Delivered::Ok => {}
@@ -326,7 +332,7 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             while !input.is_empty() {
                 let used = session.handle_input(now(), input, keyring, &mut rng);
                 input = &input[used..];
-                match deliver(&mut session, status, blocks, on_event).await {
+                match deliver(&mut session, status, &gate, blocks, on_event).await {
                     Delivered::OutputClosed => return Ok(Ended::OutputClosed),
                     Delivered::Unresponsive => unresponsive = true,
                     Delivered::Ok => {}
@@ -433,6 +439,7 @@ pub fn failed_tests(r: &ekey_proto::health::BlockReport) -> String {
 async fn deliver(
     session: &mut Session,
     status: &SharedStatus,
+    gate_handle: &SharedGate,
     blocks: &mpsc::Sender<Block>,
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
 ) -> Delivered {
@@ -459,11 +466,6 @@ async fn deliver(
                 // Through the health gate: bytes come out only in tested
                 // blocks that passed while the gate is open.
                 let serial = session.serial().unwrap_or_default();
-                let gate_handle = status
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .gate_handle
-                    .clone();
                 let (released, after) = {
                     let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
                     let before = gate.is_open();
@@ -519,7 +521,7 @@ async fn deliver(
                 let serial = session.serial().unwrap_or_default();
                 let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
                 let after = {
-                    let mut gate = st.gate_handle.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
                     let before = gate.is_open();
                     gate.observe(session.info());
                     log_gate_change(serial, before, &gate);
