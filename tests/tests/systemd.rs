@@ -60,6 +60,23 @@ fn messages_for(sock: &UnixDatagram, secs: f64, stop_at: Option<&str>) -> Vec<St
     got
 }
 
+/// A demo software key and a daemon (with its keyring) on it.
+fn start_with_demo_key(dir: &Scratch, watchdog_usec: Option<u64>) -> (Emulator, Run, UnixDatagram) {
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let emu = Emulator::start(&["--unix", dir.path("key.sock").to_str().unwrap()]);
+    let (run, sock) = start(
+        dir,
+        &[
+            "--device",
+            emu.path.to_str().unwrap(),
+            "--keyring",
+            ring.to_str().unwrap(),
+        ],
+        watchdog_usec,
+    );
+    (emu, run, sock)
+}
+
 fn has_line(msgs: &[String], line: &str) -> bool {
     msgs.iter().any(|m| m.lines().any(|l| l == line))
 }
@@ -67,19 +84,8 @@ fn has_line(msgs: &[String], line: &str) -> bool {
 #[test]
 fn ready_once_a_key_is_keyed_and_the_watchdog_is_fed() {
     let dir = Scratch::new("sd-ready");
-    let ring = dir.write("keyring", DEMO_KEYRING);
-    let emu = Emulator::start(&["--unix", dir.path("key.sock").to_str().unwrap()]);
     // Watchdog of 400 ms: pinged every 200 ms.
-    let (_run, sock) = start(
-        &dir,
-        &[
-            "--device",
-            emu.path.to_str().unwrap(),
-            "--keyring",
-            ring.to_str().unwrap(),
-        ],
-        Some(400_000),
-    );
+    let (_emu, _run, sock) = start_with_demo_key(&dir, Some(400_000));
     let msgs = messages_for(&sock, 15.0, Some("READY=1"));
     assert!(
         has_line(&msgs, "READY=1"),
@@ -131,18 +137,7 @@ fn ready_comes_as_soon_as_the_key_is_keyed_not_at_the_next_ping() {
     // The shipped unit's WatchdogSec=30: pings every 15 s. READY=1 must not
     // wait for one of them.
     let dir = Scratch::new("sd-prompt");
-    let ring = dir.write("keyring", DEMO_KEYRING);
-    let emu = Emulator::start(&["--unix", dir.path("key.sock").to_str().unwrap()]);
-    let (_run, sock) = start(
-        &dir,
-        &[
-            "--device",
-            emu.path.to_str().unwrap(),
-            "--keyring",
-            ring.to_str().unwrap(),
-        ],
-        Some(30_000_000),
-    );
+    let (_emu, _run, sock) = start_with_demo_key(&dir, Some(30_000_000));
     let t0 = Instant::now();
     let msgs = messages_for(&sock, 10.0, Some("READY=1"));
     assert!(has_line(&msgs, "READY=1"), "{msgs:?}");
