@@ -637,10 +637,7 @@ fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses, s
                         // An unplugged key's transfers fail with whatever
                         // the host controller makes of it; tell the two
                         // apart by whether the device is still there.
-                        let still_there = usb::list()
-                            .await
-                            .is_ok_and(|l| l.iter().any(|d| d.id() == id));
-                        if still_there {
+                        if still_listed(id, &e).await {
                             warn!("{where_}: the key stopped working: {e}");
                         } else {
                             info!("{where_}: key unplugged ({e})");
@@ -670,6 +667,27 @@ fn start_usb_key(info: nusb::DeviceInfo, ctx: &Ctx, statuses: &SharedStatuses, s
             .active
             .remove(&id);
     });
+}
+
+/// Whether a USB key whose transfers failed with `e` is still attached.
+///
+/// nusb reports a disconnect as `ConnectionAborted`; other errors (a
+/// host controller may first report `EPROTO`) come before the kernel has
+/// removed the device, so the device list is asked for up to 2 s.
+async fn still_listed(id: nusb::DeviceId, e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::ConnectionAborted {
+        return false;
+    }
+    for _ in 0..10 {
+        let listed = usb::list()
+            .await
+            .is_ok_and(|l| l.iter().any(|d| d.id() == id));
+        if !listed {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    true
 }
 
 /// USB keys being driven, and those that could not be opened.

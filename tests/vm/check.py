@@ -192,7 +192,8 @@ def hotplug(name, label, what, keyed_within, found_by):
              f"{len(events)} hot-plug arrivals (want 0)")
     c.ok(re.search(r"key (gone|unplugged)", log) is not None,
          "the daemon logged the loss: " + "; ".join(
-             l.split("  ", 1)[-1] for l in log.splitlines() if re.search(r"key (gone|unplugged)", l)))
+             l.split("  ", 1)[-1] for l in log.splitlines()
+             if re.search(r"key (gone|unplugged)|stopped working|does not answer", l)))
     c.ok(text(f"{name}.alive") == "alive", "the daemon kept running after the unplug")
     uk = (su or {}).get("keys") or [{}]
     c.ok(len(uk) == 1 and uk[0].get("connected") is False, "status while unplugged: the key, not connected")
