@@ -226,9 +226,10 @@ struct Outputs {
     #[arg(long, value_name = "BITS_PER_BYTE", num_args = 0..=1, default_missing_value = "7")]
     kernel: Option<u8>,
     /// Once the kernel's generator is ready: mix in 64 bytes this often
-    /// (seconds). Before that, the key's full rate goes to the kernel.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    kernel_interval: u64,
+    /// (e.g. 10s, 500ms, 2m; a bare number is seconds). Before that, the
+    /// key's full rate goes to the kernel.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::feed::parse_duration)]
+    kernel_interval: Duration,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics; `PORT` alone
     /// binds 127.0.0.1.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -1424,7 +1425,7 @@ fn start_kernel(
         return Ok((None, None));
     };
     let config = kernel::KernelConfig::new(bits)?
-        .with_pace(64, Duration::from_secs(o.kernel_interval))
+        .with_pace(64, o.kernel_interval)
         .map_err(|e| format!("--kernel-interval: {e}"))?;
     // Fail now, with a clear message, rather than later in a task.
     let sink = kernel::RandomDevice::open().map_err(|e| format!("--kernel: {e}"))?;
@@ -2283,5 +2284,23 @@ mod tests {
         // The largest count allowed (mean 80): 126, as a log-space sum of
         // the same binomial terms in Python gives.
         assert_eq!(chance_failures(MAX_TEST_BLOCKS), 126);
+    }
+
+    #[test]
+    fn kernel_interval_takes_a_duration_or_bare_seconds() {
+        let interval =
+            |v: &str| match Cli::try_parse_from(["ekey-host", "run", "--kernel-interval", v]) {
+                Ok(Cli {
+                    command: Command::Run { outputs, .. },
+                    ..
+                }) => Ok(outputs.kernel_interval),
+                Ok(_) => Err("not run".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+        assert_eq!(interval("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(interval("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(interval("15"), Ok(Duration::from_secs(15)));
+        let err = interval("soon").unwrap_err();
+        assert!(err.contains("expected a duration"), "{err}");
     }
 }

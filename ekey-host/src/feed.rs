@@ -26,7 +26,8 @@
 //! final summary (`feed: stopped: N bytes written, N bits credited, N ioctl
 //! failures; …`). It has no control socket: the log is its status.
 //!
-//! **Trust.** Every byte received is credited with `--bits-per-byte` bits:
+//! **Trust.** Every byte received is credited with `--bits-per-byte` bits
+//! (0: mixed in, never credited):
 //! only point `feed` at an EGD server you trust to serve verified entropy
 //! (`ekey-host run --egd-tcp …` on the host serves only bytes that passed
 //! the key's health checks), over a path you trust.
@@ -68,12 +69,13 @@ pub struct FeedArgs {
     /// value containing '/', or an existing socket).
     #[arg(long, value_name = "HOST:PORT|PATH", value_parser = parse_egd_addr)]
     pub egd: EgdAddr,
-    /// Entropy credited per byte received, 1..=8.
+    /// Entropy credited per byte received, 0..=8 (0 mixes the bytes in
+    /// without credit, as the daemon's `--kernel=0`).
     #[arg(
         long,
         value_name = "N",
         default_value_t = KernelConfig::default().bits_per_byte,
-        value_parser = clap::value_parser!(u8).range(1..=8)
+        value_parser = clap::value_parser!(u8).range(0..=8)
     )]
     pub bits_per_byte: u8,
     /// Once the kernel's CRNG is initialised: mix in --bytes-per-interval
@@ -751,13 +753,19 @@ mod tests {
         assert_eq!(opts.config.interval, Duration::from_millis(500));
         assert_eq!(opts.config.bytes_per_interval, 300);
         assert_eq!(opts.read_timeout, None);
+
+        // 0 mixes in without credit, as the daemon's --kernel=0.
+        let opts = parse(&["--egd", "h:1", "--bits-per-byte", "0"])
+            .unwrap()
+            .options()
+            .unwrap();
+        assert_eq!(opts.config.bits_per_byte, 0);
     }
 
     #[test]
     fn bad_options_are_refused_clearly() {
         for (args, needle) in [
-            (&["--egd", "h:1", "--bits-per-byte", "9"][..], "1..=8"),
-            (&["--egd", "h:1", "--bits-per-byte", "0"][..], "1..=8"),
+            (&["--egd", "h:1", "--bits-per-byte", "9"][..], "0..=8"),
             (&["--egd", "nowhere"][..], "expected HOST:PORT"),
             (
                 &["--egd", "h:1", "--interval", "soon"][..],

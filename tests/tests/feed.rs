@@ -325,7 +325,7 @@ fn feed_rejects_bad_input_clearly() {
     for (args, needle) in [
         (
             &["--egd", "127.0.0.1:1", "--bits-per-byte", "9"][..],
-            "1..=8",
+            "0..=8",
         ),
         (&["--egd", "nowhere"][..], "expected HOST:PORT"),
         (&["--egd", "127.0.0.1:99999"][..], "1..=65535"),
