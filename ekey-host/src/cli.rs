@@ -266,10 +266,12 @@ struct RekeyArgs {
     #[arg(long, value_name = "PEM16")]
     serial: Option<String>,
     /// The master key as printed on the key's card (spaces and dashes are
-    /// ignored). Without this or --master-key-file it is asked for.
+    /// ignored). Other users can read a command line (ps): prefer
+    /// --master-key-file or the prompt. Without either it is asked for.
     #[arg(long, value_name = "KEY", conflicts_with = "master_key_file")]
     master_key: Option<String>,
-    /// Read the master key from this file.
+    /// Read the master key from this file; `-` reads it from standard input
+    /// (e.g. from a password manager through a pipe).
     #[arg(long, value_name = "FILE")]
     master_key_file: Option<PathBuf>,
     /// The keyring to update.
@@ -1956,7 +1958,19 @@ async fn list_command(keyring_path: &Path) -> Result<(), String> {
 /// The master key from the option, a file, or a prompt (no echo).
 fn read_master_key(args: &RekeyArgs) -> Result<ekey_proto::keys::MasterKey, String> {
     let text = zeroize::Zeroizing::new(match (&args.master_key, &args.master_key_file) {
-        (Some(k), _) => k.clone(),
+        (Some(k), _) => {
+            warn!(
+                "--master-key: other users can read this command line (ps); --master-key-file or the prompt keep the key private"
+            );
+            k.clone()
+        }
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            // Room enough that no reallocation leaves a copy behind.
+            let mut text = String::with_capacity(1024);
+            io::Read::read_to_string(&mut io::stdin().lock(), &mut text)
+                .map_err(|e| format!("cannot read the master key from standard input: {e}"))?;
+            text
+        }
         (None, Some(f)) => {
             std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?
         }

@@ -41,6 +41,35 @@ fn rekey_key(
     rekey(&args)
 }
 
+/// As [`rekey_key`], with the master key on standard input
+/// (`--master-key-file -`), as a password manager's pipe gives it.
+fn rekey_key_stdin(
+    device: &Path,
+    master: &str,
+    ring: &Path,
+    control: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(ekey_host())
+        .arg("rekey")
+        .args(["--device", device.to_str().unwrap()])
+        .args(["--master-key-file", "-"])
+        .args(["--keyring", ring.to_str().unwrap()])
+        .args(["--control", control.to_str().unwrap()])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{master}").unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -101,7 +130,13 @@ fn every_long_term_rekey_vector_through_the_command() {
             "--noise-prefix",
             c["device_entropy"].as_str().unwrap(),
         ]);
-        let out = rekey_key(
+        // Every other case reads the master key from standard input.
+        let via = if i % 2 == 0 {
+            rekey_key
+        } else {
+            rekey_key_stdin
+        };
+        let out = via(
             &emu.path,
             c["master_key_printed"].as_str().unwrap(),
             &ring,
@@ -110,6 +145,13 @@ fn every_long_term_rekey_vector_through_the_command() {
         );
         assert!(out.status.success(), "case {i}: {}", text(&out));
         assert!(text(&out).contains("long-term key updated"));
+        // Only a key given on the command line is warned about.
+        assert_eq!(
+            text(&out).contains("other users can read this command line"),
+            i % 2 == 0,
+            "case {i}: {}",
+            text(&out)
+        );
         let line = std::fs::read_to_string(&ring).unwrap();
         assert_eq!(
             line.trim(),
