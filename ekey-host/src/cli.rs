@@ -585,7 +585,10 @@ fn add_status(
             }
         }
     }
-    let st = Arc::new(Mutex::new(KeyStatus::with_gate(transport, gate)));
+    let mut fresh = KeyStatus::with_gate(transport, gate);
+    // Until the key names itself, the serial its USB descriptor gives.
+    fresh.serial = serial.and_then(|s| Serial::from_pem(s.as_bytes()).ok());
+    let st = Arc::new(Mutex::new(fresh));
     list.push(st.clone());
     st
 }

@@ -448,7 +448,10 @@ async fn deliver(
         let is_entropy = matches!(ev, Event::Entropy { .. });
         let snapshot = {
             let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-            st.serial = session.serial();
+            // Kept from the USB descriptor until the key names itself.
+            if let Some(serial) = session.serial() {
+                st.serial = Some(serial);
+            }
             st.state = session.state();
             if let Event::StateChanged { reason, .. } = &ev {
                 st.reason = *reason;
