@@ -4,7 +4,12 @@
 //! name), looks its long-term key up in the keyring, and returns an
 //! [`ekey_proto::rng::EntropyKeyRng`]: `rand_core`'s `TryRng +
 //! TryCryptoRng`, blocking until verified bytes arrive, with a typed error
-//! instead of a panic.
+//! instead of a panic. As in the daemon, a health gate
+//! ([`ekey_proto::health::Gate`]) stands between the key and the caller:
+//! bytes come only from 2,500-byte blocks that passed FIPS 140-2 and the
+//! SP 800-90B tests, so the first call waits for one such block (about a
+//! second), and a key whose noise goes bad gives
+//! [`Error::GateClosed`](ekey_proto::rng::Error::GateClosed), not bytes.
 //!
 //! ```no_run
 //! use rand_core::TryRng;
@@ -24,6 +29,7 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant as StdInstant};
 
+use ekey_proto::health::{Gate, GateConfig};
 use ekey_proto::keys::{LongTermKey, Serial};
 use ekey_proto::rng::EntropyKeyRng;
 use ekey_proto::time::Instant;
@@ -91,10 +97,11 @@ impl ekey_proto::rng::Clock for Clock {
 }
 
 /// A key as an RNG: see the module docs.
-pub type KeyRng = EntropyKeyRng<BlockingLink, KeyringLookup, getrandom::SysRng, Clock>;
+pub type KeyRng = EntropyKeyRng<BlockingLink, KeyringLookup, getrandom::SysRng, Clock, Gate>;
 
 /// Opens a key as an RNG: `device` (a tty or Unix socket), or else the one
-/// key on USB; long-term keys from the keyring at `keyring`.
+/// key on USB; long-term keys from the keyring at `keyring`; the daemon's
+/// default health gate.
 pub fn open(device: Option<&Path>, keyring: &Path) -> Result<KeyRng, String> {
     let ring = Keyring::load(keyring).map_err(|e| e.to_string())?;
     let link = match device {
@@ -106,7 +113,8 @@ pub fn open(device: Option<&Path>, keyring: &Path) -> Result<KeyRng, String> {
         KeyringLookup(ring),
         getrandom::SysRng,
         Clock(StdInstant::now()),
-    ))
+    )
+    .with_gate(Gate::new(GateConfig::default())))
 }
 
 /// [`open`] from command-line arguments `[DEVICE [KEYRING]]` (as the

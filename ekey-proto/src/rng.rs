@@ -32,6 +32,18 @@
 //!   insists on an infallible RNG and a panic (on a microcontroller: a
 //!   reset) is the right answer to "no trustworthy entropy".
 //!
+//! # Health tests
+//!
+//! The key tests its own noise, but a program that wants to check rather
+//! than trust can put a [`Gate`] (FIPS 140-2, the continuous test and the
+//! SP 800-90B RCT and APT, plus the key's own reports) between the session
+//! and the caller with [`EntropyKeyRng::with_gate`]. Bytes are then handed
+//! out only from 2,500-byte blocks that passed, so the first call waits for
+//! one whole block (about a second from a real key), and the adapter needs
+//! about 7.7 KB more memory. While the gate is closed, calls keep reading
+//! (clean blocks re-open it) and fail with [`Error::GateClosed`] once the
+//! timeout passes with nothing released.
+//!
 //! # Bulk randomness
 //!
 //! A key delivers about 3 KB/s. For more, seed a fast CSPRNG from it, e.g.
@@ -138,6 +150,7 @@ use rand_core::{TryCryptoRng, TryRng};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::BLOCK_LEN;
+use crate::health::{CloseReason, Gate};
 use crate::host::{Config, Counters, DeviceInfo, Event, KeyLookup, Session, State};
 use crate::keys::{LongTermKey, Serial};
 use crate::time::Instant;
@@ -218,6 +231,71 @@ impl defmt::Format for SingleKey {
     }
 }
 
+/// What stands between the session's verified blocks and the caller:
+/// [`Ungated`] (the default: every verified block) or a health
+/// [`Gate`] (only blocks that passed its tests). Sealed.
+pub trait BlockFilter: sealed::Sealed {
+    /// Takes a verified block; returns a block that may be handed out now.
+    #[doc(hidden)]
+    fn accept(&mut self, block: &mut [u8; BLOCK_LEN]) -> Option<[u8; BLOCK_LEN]>;
+    /// A block that may be handed out now, if any is waiting.
+    #[doc(hidden)]
+    fn release(&mut self) -> Option<[u8; BLOCK_LEN]>;
+    /// Takes in what the key reported about itself.
+    #[doc(hidden)]
+    fn observe(&mut self, info: &DeviceInfo);
+    /// Why nothing is released, if the filter is closed.
+    #[doc(hidden)]
+    fn closed(&self) -> Option<CloseReason>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Ungated {}
+    impl Sealed for crate::health::Gate {}
+}
+
+/// No health gate: every block whose frame verified is handed out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Ungated;
+
+impl BlockFilter for Ungated {
+    fn accept(&mut self, block: &mut [u8; BLOCK_LEN]) -> Option<[u8; BLOCK_LEN]> {
+        let out = *block;
+        block.zeroize();
+        Some(out)
+    }
+    fn release(&mut self) -> Option<[u8; BLOCK_LEN]> {
+        None
+    }
+    fn observe(&mut self, _info: &DeviceInfo) {}
+    fn closed(&self) -> Option<CloseReason> {
+        None
+    }
+}
+
+impl BlockFilter for Gate {
+    fn accept(&mut self, block: &mut [u8; BLOCK_LEN]) -> Option<[u8; BLOCK_LEN]> {
+        self.push(block);
+        block.zeroize();
+        self.pop_released()
+    }
+    fn release(&mut self) -> Option<[u8; BLOCK_LEN]> {
+        self.pop_released()
+    }
+    fn observe(&mut self, info: &DeviceInfo) {
+        Gate::observe(self, info);
+    }
+    fn closed(&self) -> Option<CloseReason> {
+        if self.is_open() {
+            None
+        } else {
+            self.status().reason
+        }
+    }
+}
+
 /// Why [`EntropyKeyRng`] could not deliver. `E` is the transport's error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -243,6 +321,10 @@ pub enum Error<E> {
     /// The transport is closed: a read returned 0 bytes, or a write
     /// accepted none.
     Eof,
+    /// The health gate ([`EntropyKeyRng::with_gate`]) is closed and
+    /// released nothing within the timeout; the key's blocks keep being
+    /// tested by later calls, and enough clean ones re-open it.
+    GateClosed(CloseReason),
 }
 
 impl<E: fmt::Display> fmt::Display for Error<E> {
@@ -255,6 +337,7 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
             Error::NoLongTermKey => f.write_str("no long-term key for this key's serial"),
             Error::WrongSerial => f.write_str("unexpected serial number"),
             Error::Eof => f.write_str("transport closed"),
+            Error::GateClosed(r) => write!(f, "health gate closed: {r}"),
         }
     }
 }
@@ -268,8 +351,11 @@ impl<E: core::error::Error> core::error::Error for Error<E> {}
 /// - `K`: the keyring ([`SingleKey`], or a closure
 ///   `Fn(&Serial) -> Option<LongTermKey>`);
 /// - `R`: the generator for re-key nonces;
-/// - `C`: the [`Clock`].
-pub struct EntropyKeyRng<T, K, R, C> {
+/// - `C`: the [`Clock`];
+/// - `G`: the [`BlockFilter`]: [`Ungated`], or a [`Gate`] after
+///   [`with_gate`](Self::with_gate).
+pub struct EntropyKeyRng<T, K, R, C, G = Ungated> {
+    filter: G,
     transport: T,
     keys: K,
     nonce_rng: R,
@@ -287,17 +373,18 @@ pub struct EntropyKeyRng<T, K, R, C> {
     input_end: usize,
 }
 
-impl<T, K, R, C> fmt::Debug for EntropyKeyRng<T, K, R, C> {
+impl<T, K, R, C, G: fmt::Debug> fmt::Debug for EntropyKeyRng<T, K, R, C, G> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EntropyKeyRng")
             .field("session", &self.session)
+            .field("filter", &self.filter)
             .field("timeout", &self.timeout)
             .field("buffered", &self.buffered())
             .finish_non_exhaustive()
     }
 }
 
-impl<T, K, R, C> EntropyKeyRng<T, K, R, C>
+impl<T, K, R, C> EntropyKeyRng<T, K, R, C, Ungated>
 where
     T: Read + Write,
     K: KeyLookup,
@@ -315,6 +402,7 @@ where
     pub fn with_config(transport: T, keys: K, nonce_rng: R, mut clock: C, config: Config) -> Self {
         let now = clock.now();
         EntropyKeyRng {
+            filter: Ungated,
             transport,
             keys,
             nonce_rng,
@@ -330,8 +418,126 @@ where
         }
     }
 
+    /// Hands out only bytes that passed `gate`'s health tests (see the
+    /// [module docs](self#health-tests)); bytes already buffered are
+    /// wiped.
+    ///
+    /// ```
+    /// # #[cfg(feature = "device")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use ekey_proto::device::{Device, DeviceConfig};
+    /// # use ekey_proto::keys::{LongTermKey, Serial};
+    /// # use ekey_proto::time::Instant;
+    /// # use rand_chacha::ChaCha20Rng;
+    /// # use rand_core::SeedableRng;
+    /// # struct Loopback { key: Device, noise: ChaCha20Rng, pending: Vec<u8> }
+    /// # impl embedded_io::ErrorType for Loopback { type Error = core::convert::Infallible; }
+    /// # impl embedded_io::Read for Loopback {
+    /// #     fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+    /// #         while self.pending.is_empty() {
+    /// #             if let Some(out) = self.key.poll(&mut self.noise) {
+    /// #                 self.pending.extend_from_slice(&out.bytes);
+    /// #             }
+    /// #         }
+    /// #         let n = buf.len().min(self.pending.len());
+    /// #         buf[..n].copy_from_slice(&self.pending[..n]);
+    /// #         self.pending.drain(..n);
+    /// #         Ok(n)
+    /// #     }
+    /// # }
+    /// # impl embedded_io::Write for Loopback {
+    /// #     fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+    /// #         self.key.handle_input(buf, &mut self.noise);
+    /// #         Ok(buf.len())
+    /// #     }
+    /// #     fn flush(&mut self) -> Result<(), Self::Error> { Ok(()) }
+    /// # }
+    /// # let serial = Serial([0x21; 12]);
+    /// # let ltk = LongTermKey::from_bytes([0x33; 32]);
+    /// # let link = Loopback {
+    /// #     key: Device::new(DeviceConfig::new(serial, ltk.clone())),
+    /// #     noise: ChaCha20Rng::seed_from_u64(1),
+    /// #     pending: Vec::new(),
+    /// # };
+    /// # let mut ms = 0;
+    /// # let clock = move || { ms += 11; Instant::from_millis(ms) };
+    /// use ekey_proto::health::{Gate, GateConfig, FIPS_BLOCK_BYTES};
+    /// use ekey_proto::rng::{EntropyKeyRng, SingleKey};
+    /// use rand_core::TryRng;
+    ///
+    /// let mut key_rng = EntropyKeyRng::new(
+    ///     link,
+    ///     SingleKey::for_serial(serial, ltk),
+    ///     ChaCha20Rng::seed_from_u64(2),
+    ///     clock,
+    /// )
+    /// .with_gate(Gate::new(GateConfig::default()));
+    ///
+    /// let mut secret = [0u8; 32];
+    /// key_rng.try_fill_bytes(&mut secret)?;
+    /// // The bytes came from a whole FIPS 140-2 block that passed.
+    /// let status = key_rng.gate().status();
+    /// assert!(status.open);
+    /// assert_eq!(status.counters.blocks_tested, 1);
+    /// assert!(key_rng.gate().status().counters.bytes_received >= FIPS_BLOCK_BYTES as u64);
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "device"))]
+    /// # fn main() {}
+    /// ```
+    pub fn with_gate(mut self, gate: Gate) -> EntropyKeyRng<T, K, R, C, Gate> {
+        self.discard_block();
+        let EntropyKeyRng {
+            filter: Ungated,
+            transport,
+            keys,
+            nonce_rng,
+            clock,
+            session,
+            timeout,
+            now,
+            block,
+            block_pos,
+            input,
+            input_pos,
+            input_end,
+        } = self;
+        EntropyKeyRng {
+            filter: gate,
+            transport,
+            keys,
+            nonce_rng,
+            clock,
+            session,
+            timeout,
+            now,
+            block,
+            block_pos,
+            input,
+            input_pos,
+            input_end,
+        }
+    }
+}
+
+impl<T, K, R, C> EntropyKeyRng<T, K, R, C, Gate> {
+    /// The health gate: its state, counters and why it closed.
+    pub fn gate(&self) -> &Gate {
+        &self.filter
+    }
+}
+
+impl<T, K, R, C, G> EntropyKeyRng<T, K, R, C, G>
+where
+    T: Read + Write,
+    K: KeyLookup,
+    R: TryCryptoRng,
+    C: Clock,
+    G: BlockFilter,
+{
     /// Sets how long a call waits for a verified block before it fails
-    /// with [`Error::Timeout`]. The wait starts again with every block.
+    /// with [`Error::Timeout`] (or [`Error::GateClosed`]). The wait starts
+    /// again with every block handed out.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -375,11 +581,19 @@ where
     fn drain(&mut self) -> Result<bool, Error<T::Error>> {
         let mut got = false;
         while let Some(event) = self.session.poll_event() {
-            if let Event::Entropy { mut data, .. } = event {
-                *self.block = data;
-                data.zeroize();
-                self.block_pos = 0;
-                got = true;
+            match event {
+                Event::Entropy { mut data, .. } => {
+                    // One frame per `handle_input`, and the buffer is
+                    // empty whenever input is fed: nothing is overwritten.
+                    if let Some(out) = self.filter.accept(&mut data) {
+                        *self.block = out;
+                        self.block_pos = 0;
+                        got = true;
+                    }
+                    data.zeroize();
+                }
+                Event::Info(_) => self.filter.observe(self.session.info()),
+                _ => {}
             }
         }
         self.check_state()?;
@@ -411,6 +625,11 @@ where
 
     /// Reads and feeds input until a block arrives.
     fn next_block(&mut self) -> Result<(), Error<T::Error>> {
+        if let Some(out) = self.filter.release() {
+            *self.block = out;
+            self.block_pos = 0;
+            return Ok(());
+        }
         let deadline = self.now() + self.timeout;
         loop {
             if self.input_pos < self.input_end {
@@ -437,7 +656,10 @@ where
             }
             let now = self.tick()?;
             if now >= deadline {
-                return Err(Error::Timeout);
+                return Err(match self.filter.closed() {
+                    Some(reason) => Error::GateClosed(reason),
+                    None => Error::Timeout,
+                });
             }
             match self.transport.read(&mut self.input) {
                 Ok(0) => return Err(Error::Eof),
@@ -482,7 +704,7 @@ where
     }
 }
 
-impl<T, K, R, C> EntropyKeyRng<T, K, R, C> {
+impl<T, K, R, C, G> EntropyKeyRng<T, K, R, C, G> {
     /// The session's state.
     pub fn state(&self) -> State {
         self.session.state()
@@ -534,12 +756,13 @@ impl<T, K, R, C> EntropyKeyRng<T, K, R, C> {
     }
 }
 
-impl<T, K, R, C> TryRng for EntropyKeyRng<T, K, R, C>
+impl<T, K, R, C, G> TryRng for EntropyKeyRng<T, K, R, C, G>
 where
     T: Read + Write,
     K: KeyLookup,
     R: TryCryptoRng,
     C: Clock,
+    G: BlockFilter,
 {
     type Error = Error<<T as ErrorType>::Error>;
 
@@ -564,11 +787,12 @@ where
     }
 }
 
-impl<T, K, R, C> TryCryptoRng for EntropyKeyRng<T, K, R, C>
+impl<T, K, R, C, G> TryCryptoRng for EntropyKeyRng<T, K, R, C, G>
 where
     T: Read + Write,
     K: KeyLookup,
     R: TryCryptoRng,
     C: Clock,
+    G: BlockFilter,
 {
 }

@@ -4,16 +4,18 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::rc::Rc;
+use std::time::Duration;
 
 use ekey_proto::device::{Device, DeviceConfig, SentBlock};
+use ekey_proto::health::{CloseReason, FIPS_BLOCK_BYTES, Gate, GateConfig};
 use ekey_proto::host::{Config, State};
 use ekey_proto::keys::{LongTermKey, Serial};
 use ekey_proto::rng::{EntropyKeyRng, Error, SingleKey};
 use ekey_proto::time::Instant;
-use ekey_proto::wire::info::FailureMode;
+use ekey_proto::wire::info::{FailureMode, Temperature};
 use embedded_io::ErrorKind;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{Rng, SeedableRng, TryRng, UnwrapErr};
+use rand_core::{Rng, SeedableRng, TryCryptoRng, TryRng, UnwrapErr};
 
 const SERIAL: Serial = Serial([0x21; 12]);
 const OTHER: Serial = Serial([0x42; 12]);
@@ -37,10 +39,39 @@ impl embedded_io::Error for LinkError {
     }
 }
 
+/// The key's noise source.
+enum Noise {
+    Good(Box<ChaCha20Rng>),
+    /// Every byte the same: frames still verify, the data is worthless.
+    Stuck(u8),
+}
+
+impl TryRng for Noise {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        match self {
+            Noise::Good(r) => r.fill_bytes(dst),
+            Noise::Stuck(b) => dst.fill(*b),
+        }
+        Ok(())
+    }
+}
+impl TryCryptoRng for Noise {}
+
 /// The key's end of the link.
 struct KeyEnd {
     device: Device,
-    noise: ChaCha20Rng,
+    noise: Noise,
     /// Bytes the key sent that the adapter has not read yet.
     pending: VecDeque<u8>,
     /// Every entropy block the key sent, in order.
@@ -61,7 +92,7 @@ impl Link {
     fn new(device: Device) -> Self {
         Link(Rc::new(RefCell::new(KeyEnd {
             device,
-            noise: ChaCha20Rng::seed_from_u64(1),
+            noise: Noise::Good(Box::new(ChaCha20Rng::seed_from_u64(1))),
             pending: VecDeque::new(),
             sent: Vec::new(),
             chunk: 64,
@@ -352,8 +383,8 @@ fn silent_transport_times_out() {
 
 #[test]
 fn line_noise_times_out_with_configured_timeout() {
-    let mut rng = scripted(Ok(64), Ok(usize::MAX)).with_timeout(core::time::Duration::from_secs(1));
-    assert_eq!(rng.timeout(), core::time::Duration::from_secs(1));
+    let mut rng = scripted(Ok(64), Ok(usize::MAX)).with_timeout(Duration::from_secs(1));
+    assert_eq!(rng.timeout(), Duration::from_secs(1));
     assert_eq!(rng.try_next_u64(), Err(Error::Timeout));
     let reads = rng.transport().reads;
     assert!((30..100).contains(&reads), "{reads}");
@@ -523,4 +554,129 @@ fn debug_shows_no_entropy_and_into_inner_returns_the_transport() {
     assert!(!dbg.contains(&x.to_string()));
     let back = rng.into_inner();
     assert!(Rc::ptr_eq(&back.0, &link.0));
+}
+
+// --- The health gate (`with_gate`) ---
+
+fn gated(
+    link: &Link,
+    config: GateConfig,
+) -> EntropyKeyRng<Link, SingleKey, ChaCha20Rng, Clock, Gate> {
+    adapter(
+        link.clone(),
+        SingleKey::for_serial(SERIAL, ltk()),
+        Config::default(),
+    )
+    .with_timeout(Duration::from_secs(60))
+    .with_gate(Gate::new(config))
+}
+
+#[test]
+fn gate_hands_out_the_stream_from_tested_blocks_only() {
+    let link = Link::standard();
+    let mut rng = gated(&link, GateConfig::default());
+    let mut got = vec![0u8; 2 * FIPS_BLOCK_BYTES + 100];
+    for piece in got.chunks_mut(333) {
+        rng.try_fill_bytes(piece).unwrap();
+    }
+    // The same bytes as without a gate: the key's stream, in order.
+    assert_eq!(got, link.stream()[..got.len()]);
+    let status = rng.gate().status();
+    assert!(status.open);
+    // 5,100 bytes need three whole tested blocks, and no byte was handed
+    // out before its block was tested.
+    assert_eq!(status.counters.blocks_tested, 3);
+    assert_eq!(status.counters.blocks_failed, 0);
+    // Taken from the gate a 32-byte block at a time, as needed: 160
+    // blocks; the rest of the third waits in the gate.
+    assert_eq!(status.counters.bytes_released, 160 * 32);
+    assert_eq!(rng.buffered(), 160 * 32 - got.len());
+    assert_eq!(
+        status.counters.bytes_buffered,
+        3 * FIPS_BLOCK_BYTES as u64 - 160 * 32
+    );
+    assert_eq!(status.counters.bytes_received, link.stream().len() as u64);
+    assert!(link.stream().len() >= 3 * FIPS_BLOCK_BYTES);
+    assert!(link.stream().len() < 3 * FIPS_BLOCK_BYTES + 32);
+    assert!(format!("{rng:?}").contains("Gate"));
+}
+
+#[test]
+fn gate_refuses_a_stuck_source_whose_frames_verify() {
+    // Without a gate, a stuck noise source is handed out as it comes: the
+    // frames carry valid MACs.
+    let link = Link::standard();
+    link.0.borrow_mut().noise = Noise::Stuck(0xa5);
+    let mut plain = adapter(
+        link.clone(),
+        SingleKey::for_serial(SERIAL, ltk()),
+        Config::default(),
+    );
+    let mut buf = [0u8; 64];
+    plain.try_fill_bytes(&mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xa5));
+
+    let link = Link::standard();
+    link.0.borrow_mut().noise = Noise::Stuck(0xa5);
+    let mut rng = gated(&link, GateConfig::default());
+    let mut buf = [0u8; 32];
+    let err = rng.try_fill_bytes(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::GateClosed(CloseReason::Continuous | CloseReason::RepetitionCount)
+        ),
+        "{err:?}"
+    );
+    assert_eq!(buf, [0u8; 32], "nothing handed out");
+    assert!(err.to_string().starts_with("health gate closed: "), "{err}");
+    let status = rng.gate().status();
+    assert!(!status.open);
+    assert_eq!(status.counters.bytes_released, 0);
+    // The key was running all along: only the gate said no.
+    assert_eq!(rng.state(), State::Running);
+    assert!(link.blocks_sent() > 100);
+    // And it keeps saying no.
+    assert!(matches!(rng.try_next_u32(), Err(Error::GateClosed(_))));
+}
+
+#[test]
+fn gate_closes_on_the_keys_temperature_and_reopens_when_it_cools() {
+    let link = Link::standard();
+    let config = GateConfig {
+        reopen_after: 2,
+        ..GateConfig::default()
+    };
+    let mut rng = gated(&link, config);
+    // Hot from the start: 95 °C, past the default 85 °C limit.
+    let hot = Temperature { deci_kelvin: 3682 };
+    link.0.borrow_mut().device.set_temperature(hot);
+    let mut buf = [0u8; 32];
+    match rng.try_fill_bytes(&mut buf) {
+        Err(Error::GateClosed(CloseReason::Temperature { millicelsius })) => {
+            assert_eq!(millicelsius, hot.millicelsius())
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(buf, [0u8; 32]);
+    assert_eq!(rng.gate().status().counters.bytes_released, 0);
+
+    // Cooled down: the next report clears the condition, and two clean
+    // blocks re-open the gate.
+    link.0
+        .borrow_mut()
+        .device
+        .set_temperature(Temperature { deci_kelvin: 3131 });
+    rng.try_fill_bytes(&mut buf).unwrap();
+    let status = rng.gate().status();
+    assert!(status.open);
+    assert_eq!(status.counters.times_closed, 1);
+    assert!(status.counters.bytes_released >= 32);
+    // What came out is the key's stream, at a whole tested block.
+    let stream = link.stream();
+    let at = stream
+        .windows(32)
+        .position(|w| w == buf)
+        .expect("the bytes are from the stream");
+    assert_eq!(at % FIPS_BLOCK_BYTES, 0, "at {at}");
 }

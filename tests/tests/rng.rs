@@ -54,3 +54,33 @@ fn a_wrong_long_term_key_is_an_error_not_bytes() {
         other => panic!("expected LongTermKeyRejected, got {other:?}"),
     }
 }
+
+#[test]
+fn a_key_with_stuck_noise_gives_a_closed_gate_not_bytes() {
+    // The frames verify (the key is genuine); its noise does not pass.
+    let dir = Scratch::new("rng-stuck");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let emu = Emulator::start(&[
+        "--unix",
+        dir.path("key.sock").to_str().unwrap(),
+        "--rate",
+        "100000",
+        "--fault-noise",
+        "stuck",
+    ]);
+    let mut key = ekey_host::rng::open(Some(&emu.path), &ring)
+        .unwrap()
+        .with_timeout(std::time::Duration::from_secs(3));
+    let mut buf = [0u8; 32];
+    match key.try_fill_bytes(&mut buf) {
+        Err(Error::GateClosed(reason)) => {
+            assert!(!reason.to_string().is_empty());
+        }
+        other => panic!("expected GateClosed, got {other:?}"),
+    }
+    assert_eq!(buf, [0u8; 32]);
+    let status = key.gate().status();
+    assert!(!status.open);
+    assert_eq!(status.counters.bytes_released, 0);
+    assert!(status.counters.bytes_received > 0);
+}
