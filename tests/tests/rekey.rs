@@ -330,3 +330,55 @@ fn keyring_check_list_and_remove() {
     ]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn ctrl_c_during_a_rekey_stops_it_and_leaves_the_keyring_alone() {
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = Scratch::new("rekey-interrupted");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    std::fs::set_permissions(&ring, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = std::fs::read(&ring).unwrap();
+    // A "key" that takes the connection and never answers.
+    let sock = dir.path("silent.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut child = Command::new(ekey_host())
+        .arg("rekey")
+        .args(["--device", sock.to_str().unwrap()])
+        .args(["--master-key-file", "-"])
+        .args(["--keyring", ring.to_str().unwrap()])
+        .args(["--control", dir.path("no-daemon").to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{DEMO_MASTER}").unwrap();
+    let (_conn, _) = listener.accept().unwrap();
+    // Past the initial drain, while it waits for the key.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "rekey gave up too early"
+    );
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("interrupted"), "{}", text(&out));
+    assert_eq!(std::fs::read(&ring).unwrap(), before, "keyring changed");
+    let mode = std::fs::metadata(&ring).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
