@@ -70,7 +70,7 @@ fn a_key_with_stuck_noise_gives_a_closed_gate_not_bytes() {
     ]);
     let mut key = ekey_host::rng::open(Some(&emu.path), &ring)
         .unwrap()
-        .with_timeout(std::time::Duration::from_secs(3));
+        .with_timeout(std::time::Duration::from_secs(5));
     let mut buf = [0u8; 32];
     match key.try_fill_bytes(&mut buf) {
         Err(Error::GateClosed(reason)) => {
