@@ -98,6 +98,9 @@ pub struct Faults {
     /// A lying key: keep sending entropy while reporting a failure mode
     /// (a host must not release it).
     pub keep_sending_when_failed: bool,
+    /// Put a malformed item (`V0325x`) before the temperature in the next
+    /// temperature-and-voltage report.
+    pub malformed_info_item: bool,
 }
 
 /// What one frame slot produced.
@@ -578,10 +581,13 @@ impl Device {
         Text::new(bytes)
     }
 
-    fn info_packet(&self, phase: InfoPhase) -> Packet {
+    fn info_packet(&mut self, phase: InfoPhase) -> Packet {
         let mut text: heapless::Vec<u8, PAYLOAD_LEN> = heapless::Vec::new();
         match phase {
             InfoPhase::TempVolt => {
+                if core::mem::take(&mut self.faults.malformed_info_item) {
+                    let _ = text.extend_from_slice(b"V0325x ");
+                }
                 let _ = InfoItem::Temperature(self.config.temperature).write_to(&mut text);
                 let _ = text.push(b' ');
                 let _ = InfoItem::Voltage(self.config.voltage).write_to(&mut text);

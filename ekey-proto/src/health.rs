@@ -86,10 +86,13 @@
 //!   uniform bytes 2⁻⁴⁸ per byte, about 3 × 10⁻⁴ per key-year at 3 kB/s.
 //! - Adaptive Proportion Test: windows of `W =` [`APT_WINDOW`] `= 512`
 //!   bytes; `C = 1 + CRITBINOM(512, 2⁻⁷, 1 − 2⁻⁴⁰) =` [`APT_CUTOFF`]
-//!   `= 26` occurrences of the window's first byte (chance 1.5 × 10⁻¹³ at
-//!   H = 7). The test suite recomputes it from the binomial tail, and
-//!   checks the method against the standard's own table for α = 2⁻²⁰. For
-//!   uniform bytes the chance per window is about 2 × 10⁻¹⁹.
+//!   `= 26` occurrences of the window's first byte. The test suite
+//!   recomputes it from the binomial tail, and checks the method against
+//!   the standard's own table for α = 2⁻²⁰. As the first byte counts
+//!   itself, an alarm takes 25 more among the other 511 bytes: chance
+//!   P(B(511, 2⁻⁷) ≥ 25) = 9.9 × 10⁻¹³ per window at H = 7, a little over
+//!   α (9.1 × 10⁻¹³), as with the standard's own formula. For uniform
+//!   bytes it is about 2 × 10⁻¹⁹.
 //!
 //! Either alarm is close to proof of a broken source, so it discards the
 //! block it falls in and closes the gate at once.
@@ -1276,6 +1279,24 @@ impl Gate {
             }
         }
         self.window_pos = (self.window_pos + 1) % self.config.failure_window.max(1);
+    }
+
+    /// Drops every byte the gate holds: released bytes not taken yet and
+    /// the part of a FIPS block not tested yet (both counted as
+    /// discarded), and forgets the last block for the continuous test. The
+    /// gate's state, window and counters stay. For a caller that starts
+    /// over, e.g. after resetting the key.
+    pub fn discard_buffered(&mut self) {
+        self.discard_output();
+        self.block.zeroize();
+        self.counters.bytes_discarded = self
+            .counters
+            .bytes_discarded
+            .saturating_add(self.block_len as u64);
+        self.block_len = 0;
+        self.flags = Flags::default();
+        self.previous.zeroize();
+        self.have_previous = false;
     }
 
     fn discard_output(&mut self) {

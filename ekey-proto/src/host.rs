@@ -59,6 +59,8 @@
 use core::fmt;
 use core::time::Duration;
 
+use zeroize::Zeroize;
+
 use crate::crypto::{BLOCK_LEN, FrameKeys, derive_session_key};
 use crate::keys::{LongTermKey, Serial, SessionKey};
 use crate::time::Instant;
@@ -444,6 +446,58 @@ impl Counters {
 }
 
 const EVENT_CAPACITY: usize = 8;
+
+/// The plaintext of the entropy events waiting in the queue, kept apart
+/// from the events so that each slot is wiped when its event is taken
+/// (a `Deque` slot keeps its bytes after a pop).
+struct PlainRing {
+    slots: [[u8; BLOCK_LEN]; EVENT_CAPACITY],
+    head: usize,
+    len: usize,
+}
+
+impl PlainRing {
+    const fn new() -> Self {
+        PlainRing {
+            slots: [[0; BLOCK_LEN]; EVENT_CAPACITY],
+            head: 0,
+            len: 0,
+        }
+    }
+
+    /// Stores `data` (and wipes it); false if full.
+    fn push(&mut self, data: &mut [u8; BLOCK_LEN]) -> bool {
+        let at = self.head.wrapping_add(self.len) % EVENT_CAPACITY;
+        match (self.len < EVENT_CAPACITY, self.slots.get_mut(at)) {
+            (true, Some(slot)) => {
+                *slot = *data;
+                data.zeroize();
+                self.len += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves the oldest block into `out`, wiping its slot.
+    fn pop_into(&mut self, out: &mut [u8; BLOCK_LEN]) {
+        if self.len == 0 {
+            return;
+        }
+        if let Some(slot) = self.slots.get_mut(self.head) {
+            *out = *slot;
+            slot.zeroize();
+        }
+        self.head = self.head.wrapping_add(1) % EVENT_CAPACITY;
+        self.len -= 1;
+    }
+}
+
+impl Drop for PlainRing {
+    fn drop(&mut self) {
+        self.slots.zeroize();
+    }
+}
 /// Events one frame can produce at most; input is not taken unless this
 /// many slots are free.
 const EVENTS_PER_FRAME: usize = 4;
@@ -475,6 +529,9 @@ pub struct Session {
     info: DeviceInfo,
     counters: Counters,
     events: heapless::Deque<Event, EVENT_CAPACITY>,
+    /// The bytes of the queued [`Event::Entropy`] events (which are queued
+    /// with zeros in their place).
+    plain: PlainRing,
     transmit: Transmit,
 }
 
@@ -511,6 +568,7 @@ impl Session {
             info: DeviceInfo::default(),
             counters: Counters::default(),
             events: heapless::Deque::new(),
+            plain: PlainRing::new(),
             transmit: Transmit::new(),
         };
         s.send_reset(now, Reason::Start);
@@ -576,7 +634,11 @@ impl Session {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let mut event = self.events.pop_front()?;
+        if let Event::Entropy { data, .. } = &mut event {
+            self.plain.pop_into(data);
+        }
+        Some(event)
     }
 
     /// Bytes to send to the key, if any.
@@ -592,6 +654,15 @@ impl Session {
     /// [`poll_transmit`](Self::poll_transmit).
     pub fn has_transmit(&self) -> bool {
         !self.transmit.is_empty()
+    }
+
+    /// Tells the session that its caller did not read from the key until
+    /// `now` (for example an RNG adapter between two calls), so that this
+    /// silence does not count as the key going idle. Deadlines for
+    /// outstanding commands (a reset, a re-key) are unchanged.
+    ///
+    pub fn resume(&mut self, now: Instant) {
+        self.last_frame = self.last_frame.max(now);
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
@@ -645,6 +716,24 @@ impl Session {
             debug_assert!(!matches!(e, Event::Entropy { .. }));
             self.counters.events_dropped = self.counters.events_dropped.saturating_add(1);
         }
+    }
+
+    /// Queues an entropy event; its bytes wait in [`PlainRing`], and
+    /// `data` is wiped.
+    fn push_entropy(&mut self, seq: u16, data: &mut [u8; BLOCK_LEN]) {
+        // Room is reserved by `handle_input`; the ring has the queue's
+        // capacity and holds one block per queued entropy event.
+        if self.events.is_full() || !self.plain.push(data) {
+            self.counters.events_dropped = self.counters.events_dropped.saturating_add(1);
+        } else {
+            let placeholder = Event::Entropy {
+                seq,
+                data: [0; BLOCK_LEN],
+            };
+            // Cannot fail: the queue is not full.
+            let _ = self.events.push_back(placeholder);
+        }
+        data.zeroize();
     }
 
     fn set_state(&mut self, state: State, reason: Reason) {
@@ -948,7 +1037,7 @@ impl Session {
         self.last_seq = Some(seq);
         self.rekeys_without_entropy = 0;
         self.counters.blocks = self.counters.blocks.saturating_add(1);
-        self.push_event(Event::Entropy { seq, data: plain });
+        self.push_entropy(seq, &mut plain);
         if seq >= LAST_SEQUENCE {
             self.send_rekey(now, Reason::SequenceExhausted, rng);
         }
@@ -957,6 +1046,7 @@ impl Session {
     fn handle_info(&mut self, _now: Instant, text: &Text) {
         self.counters.info_frames = self.counters.info_frames.saturating_add(1);
         let mut failure = None;
+        let mut first_error = None;
         for item in info::parse_items(text.as_bytes()) {
             match item {
                 Ok(InfoItem::Temperature(t)) => self.info.temperature = Some(t),
@@ -970,11 +1060,16 @@ impl Session {
                 }
                 Ok(InfoItem::Unknown { .. }) => {}
                 Err(e) => {
+                    // Counted; the items after it still count (a bad
+                    // voltage must not hide a temperature). One event per
+                    // frame, so the queue's reservation holds.
                     self.counters.malformed = self.counters.malformed.saturating_add(1);
-                    self.push_event(Event::Fault(Fault::Info(e)));
-                    break;
+                    first_error.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = first_error {
+            self.push_event(Event::Fault(Fault::Info(e)));
         }
         self.push_event(Event::Info(self.info));
         if let Some(mode) = failure

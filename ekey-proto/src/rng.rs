@@ -24,6 +24,13 @@
 //! and the next call carries on (or fails again straight away while the key
 //! stays refused; [`EntropyKeyRng::reset`] starts over).
 //!
+//! The adapter looks at its clock between reads, so the timeout holds only
+//! if the transport's `read` returns now and then: with some bytes, or
+//! with [`ErrorKind::TimedOut`] when nothing came for a while (the
+//! adapter retries it, and `Interrupted`, on reads and writes alike). A
+//! `read` that blocks until data arrives makes a silent key block the
+//! call.
+//!
 //! - Handle errors (use the `try_` methods) wherever the program can do
 //!   something sensible without the key: report it, retry later, fall back
 //!   to another source, refuse the operation that needed randomness.
@@ -247,6 +254,9 @@ pub trait BlockFilter: sealed::Sealed {
     /// Why nothing is released, if the filter is closed.
     #[doc(hidden)]
     fn closed(&self) -> Option<CloseReason>;
+    /// Drops every byte held (for a reset).
+    #[doc(hidden)]
+    fn forget(&mut self);
 }
 
 mod sealed {
@@ -273,6 +283,7 @@ impl BlockFilter for Ungated {
     fn closed(&self) -> Option<CloseReason> {
         None
     }
+    fn forget(&mut self) {}
 }
 
 impl BlockFilter for Gate {
@@ -293,6 +304,9 @@ impl BlockFilter for Gate {
         } else {
             self.status().reason
         }
+    }
+    fn forget(&mut self) {
+        self.discard_buffered();
     }
 }
 
@@ -545,10 +559,12 @@ where
     }
 
     /// Resets the key and the session (e.g. after a failure mode, or to
-    /// retry a refused key at once). Buffered bytes are discarded.
+    /// retry a refused key at once). Buffered bytes are discarded, the
+    /// gate's too (its state and counters stay).
     pub fn reset(&mut self) {
         let now = self.now();
         self.discard_block();
+        self.filter.forget();
         self.input_pos = 0;
         self.input_end = 0;
         self.session.reset(now);
@@ -560,20 +576,48 @@ where
         self.now
     }
 
-    /// Sends whatever the session wants sent.
+    /// Sends whatever the session wants sent. A write or flush that
+    /// reports `TimedOut` or `Interrupted` is retried until the timeout.
     fn transmit(&mut self) -> Result<(), Error<T::Error>> {
+        let mut deadline = None;
         while let Some(bytes) = self.session.poll_transmit() {
             let mut rest: &[u8] = &bytes;
             while !rest.is_empty() {
                 match self.transport.write(rest) {
                     Ok(0) => return Err(Error::Eof),
                     Ok(n) => rest = rest.get(n..).unwrap_or(&[]),
-                    Err(e) => return Err(Error::Transport(e)),
+                    Err(e) => self.again(e, &mut deadline)?,
                 }
             }
-            self.transport.flush().map_err(Error::Transport)?;
+            while let Err(e) = self.transport.flush() {
+                self.again(e, &mut deadline)?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether to try a failed write or flush again: yes for `TimedOut`
+    /// and `Interrupted` until the timeout (counted from the first).
+    fn again(
+        &mut self,
+        e: T::Error,
+        deadline: &mut Option<Instant>,
+    ) -> Result<(), Error<T::Error>> {
+        if !Self::retry(&e) {
+            return Err(Error::Transport(e));
+        }
+        let now = self.now();
+        let end = *deadline.get_or_insert(now + self.timeout);
+        if now < end {
+            Ok(())
+        } else {
+            Err(Error::Timeout)
+        }
+    }
+
+    /// Transport errors that mean "try again".
+    fn retry(e: &T::Error) -> bool {
+        matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Interrupted)
     }
 
     /// Drains the session's events into the block buffer; true if a block
@@ -664,10 +708,12 @@ where
             match self.transport.read(&mut self.input) {
                 Ok(0) => return Err(Error::Eof),
                 Ok(n) => {
+                    // The read may have blocked: the input is from now.
+                    self.now();
                     self.input_pos = 0;
                     self.input_end = n.min(READ_CHUNK);
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) if Self::retry(&e) => {}
                 Err(e) => return Err(Error::Transport(e)),
             }
         }
@@ -691,6 +737,10 @@ where
         if dst.is_empty() {
             return Ok(());
         }
+        // Nobody read from the key since the last call: that silence is
+        // ours, not the key's going idle.
+        let now = self.now();
+        self.session.resume(now);
         self.tick()?;
         let mut filled = 0;
         while let Some(rest) = dst.get_mut(filled..) {

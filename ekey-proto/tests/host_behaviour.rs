@@ -352,3 +352,23 @@ fn one_bad_frame_right_after_a_rekey_does_not_condemn_a_good_long_term_key() {
     assert_eq!(p.session.state(), State::Running);
     assert!(!p.released.is_empty());
 }
+
+#[test]
+fn a_malformed_info_item_does_not_hide_the_items_after_it() {
+    let mut dev = DeviceConfig::new(SERIAL, ltk());
+    dev.temperature = ekey_proto::wire::info::Temperature { deci_kelvin: 3682 };
+    let mut p = Pair::with_device(Config::default(), dev);
+    p.device.faults_mut().malformed_info_item = true;
+    assert!(p.run_until(300, |p| p.session.info().voltage.is_some()));
+    // `V0325x T03682 V03254`: the bad voltage is counted, once, and the
+    // temperature and the good voltage after it are taken.
+    assert_eq!(p.session.counters().malformed, 1);
+    let faults = p
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Fault(Fault::Info(_))))
+        .count();
+    assert_eq!(faults, 1);
+    assert_eq!(p.session.info().temperature.unwrap().deci_kelvin, 3682);
+    assert_eq!(p.session.info().voltage.unwrap().millivolts, 3254);
+}

@@ -81,6 +81,8 @@ struct KeyEnd {
     reads: usize,
     /// Every n-th read fails with `Interrupted` (0: never).
     interrupt_every: usize,
+    /// The next this many writes fail with `Interrupted`.
+    write_interrupts: usize,
 }
 
 /// A duplex in-memory link: writes go to the key; a read with nothing
@@ -98,6 +100,7 @@ impl Link {
             chunk: 64,
             reads: 0,
             interrupt_every: 0,
+            write_interrupts: 0,
         })))
     }
 
@@ -153,6 +156,10 @@ impl embedded_io::Write for Link {
     fn write(&mut self, buf: &[u8]) -> Result<usize, LinkError> {
         let mut end = self.0.borrow_mut();
         let end = &mut *end;
+        if end.write_interrupts > 0 {
+            end.write_interrupts -= 1;
+            return Err(LinkError(ErrorKind::Interrupted));
+        }
         end.device.handle_input(buf, &mut end.noise);
         Ok(buf.len())
     }
@@ -679,4 +686,80 @@ fn gate_closes_on_the_keys_temperature_and_reopens_when_it_cools() {
         .position(|w| w == buf)
         .expect("the bytes are from the stream");
     assert_eq!(at % FIPS_BLOCK_BYTES, 0, "at {at}");
+}
+
+#[test]
+fn reset_drops_what_the_gate_held() {
+    let link = Link::standard();
+    let mut rng = gated(&link, GateConfig::default());
+    let mut first = [0u8; 32];
+    rng.try_fill_bytes(&mut first).unwrap();
+    assert_eq!(first, link.stream()[..32]);
+    let held = rng.gate().status().counters;
+    assert!(held.bytes_buffered > 0);
+    let sent_before = link.blocks_sent();
+    rng.reset();
+    let after = rng.gate().status().counters;
+    assert_eq!(after.bytes_buffered + after.bytes_pending, 0);
+    assert_eq!(
+        after.bytes_discarded,
+        held.bytes_discarded + held.bytes_buffered + held.bytes_pending
+    );
+    // What comes next is from blocks the key sent after the reset, from
+    // the first of them on: nothing from before leaks through.
+    let mut next = vec![0u8; 1000];
+    rng.try_fill_bytes(&mut next).unwrap();
+    let stream = link.stream();
+    assert_eq!(next, stream[sent_before * 32..sent_before * 32 + 1000]);
+    assert_eq!(rng.counters().resets, 2);
+}
+
+#[test]
+fn a_pause_between_calls_does_not_reset_the_key() {
+    let link = Link::standard();
+    let clock = FakeClock::new(11);
+    let tick = clock.closure();
+    let mut rng = EntropyKeyRng::new(
+        link.clone(),
+        SingleKey::for_serial(SERIAL, ltk()),
+        ChaCha20Rng::seed_from_u64(2),
+        Box::new(tick) as Clock,
+    );
+    let mut a = [0u8; 40];
+    rng.try_fill_bytes(&mut a).unwrap();
+    let resets = rng.counters().resets;
+    let rekeys = link.0.borrow().device.stats().rekeys;
+    // A minute goes by before the next call (a ChaCha reseed, say).
+    clock.ms.set(clock.ms.get() + 60_000);
+    let mut b = [0u8; 100];
+    rng.try_fill_bytes(&mut b).unwrap();
+    assert_eq!(rng.counters().resets, resets, "{:?}", rng.counters());
+    assert_eq!(link.0.borrow().device.stats().rekeys, rekeys);
+    // The stream simply goes on.
+    assert_eq!(b, link.stream()[40..140]);
+}
+
+#[test]
+fn interrupted_writes_are_retried() {
+    let link = Link::standard();
+    // The reset and the session re-key's `K` are each interrupted once
+    // or twice before they go through.
+    link.0.borrow_mut().write_interrupts = 3;
+    let mut rng = adapter(link.clone(), SingleKey::new(ltk()), Config::default());
+    let mut buf = [0u8; 64];
+    rng.try_fill_bytes(&mut buf).unwrap();
+    assert_eq!(buf, link.stream()[..64]);
+    assert_eq!(link.0.borrow().write_interrupts, 0);
+    assert_eq!(rng.counters().resets, 1);
+    assert_eq!(rng.counters().rekey_timeouts, 0);
+}
+
+#[test]
+fn writes_that_keep_timing_out_end_in_a_timeout() {
+    let link = Link::standard();
+    link.0.borrow_mut().write_interrupts = usize::MAX;
+    let mut rng = adapter(link.clone(), SingleKey::new(ltk()), Config::default())
+        .with_timeout(Duration::from_secs(1));
+    let mut buf = [0u8; 8];
+    assert_eq!(rng.try_fill_bytes(&mut buf), Err(Error::Timeout));
 }
