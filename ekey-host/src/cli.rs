@@ -1585,20 +1585,52 @@ impl Daemon {
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                "error: the key was not released in time\n".into()
-            }
-            ("resume", target) if !target.is_empty() => {
-                let reloaded = self.reload();
+                // Not let go of: take the request back, or the key would
+                // stop the moment it did.
                 self.released_tx.send_modify(|set| {
                     Arc::make_mut(set).remove(target);
                 });
-                match reloaded {
-                    Ok(n) => format!("ok: resumed, keyring reloaded ({n} keys)\n"),
-                    Err(e) => format!("ok: resumed, but the keyring was not reloaded: {e}\n"),
-                }
+                "error: the key was not released in time\n".into()
             }
+            ("resume", target) if !target.is_empty() => self.resume(target),
             _ => format!("error: unknown command {command:?}\n"),
         }
+    }
+
+    /// Takes a released key back, with the keyring re-read (it may hold
+    /// the key's new long-term key).
+    fn resume(&self, target: &str) -> String {
+        let reloaded = self.reload();
+        self.released_tx.send_modify(|set| {
+            Arc::make_mut(set).remove(target);
+        });
+        match reloaded {
+            Ok(n) => format!("ok: resumed, keyring reloaded ({n} keys)\n"),
+            Err(e) => format!("ok: resumed, but the keyring was not reloaded: {e}\n"),
+        }
+    }
+
+    /// Whether `target` is still released.
+    fn is_released(&self, target: &str) -> bool {
+        self.released_tx.borrow().contains(target)
+    }
+}
+
+/// What the control socket answers after a `release`: the key stays
+/// released while the client keeps the connection open (a `rekey` at
+/// work), and is taken back when it closes without a `resume` (a `rekey`
+/// that was killed).
+async fn hold_release(stream: &mut tokio::net::UnixStream, daemon: &Daemon, target: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 64];
+    while let Ok(n) = stream.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+    if daemon.is_released(target) {
+        info!("{target}: the client that asked for its release has gone; taking the key back");
+        let _ = daemon.resume(target);
     }
 }
 
@@ -1624,6 +1656,11 @@ async fn serve_control(listener: tokio::net::UnixListener, daemon: Daemon) {
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), stream.write_all(answer.as_bytes()))
                     .await;
+            if let Some(("release", target)) = command.split_once(' ')
+                && answer.starts_with("ok")
+            {
+                hold_release(&mut stream, &daemon, target.trim()).await;
+            }
         });
     }
 }
@@ -2093,11 +2130,17 @@ async fn rekey_command(args: RekeyArgs) -> Result<(), String> {
                 .flatten()
         }),
     };
+    // The release lasts while `held_release` keeps the control connection open:
+    // if this process dies, the daemon takes the key back by itself.
     let mut released = None;
+    let mut held_release = None;
     if let Some(t) = &target {
-        match control::request(&args.control, &format!("release {t}")).await {
-            Ok(a) if a.starts_with("ok") => released = Some(t.clone()),
-            Ok(a) => {
+        match control::hold(&args.control, &format!("release {t}")).await {
+            Ok((a, conn)) if a.starts_with("ok") => {
+                released = Some(t.clone());
+                held_release = Some(conn);
+            }
+            Ok((a, _)) => {
                 return Err(format!(
                     "the running daemon could not let go of the key: {}",
                     a.trim()
@@ -2121,6 +2164,7 @@ async fn rekey_command(args: RekeyArgs) -> Result<(), String> {
     {
         eprintln!("ekey-host: could not tell the daemon to take the key back: {e}");
     }
+    drop(held_release);
     let (serial, key) = result?;
     match ring {
         None => {

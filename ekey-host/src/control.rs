@@ -2,7 +2,9 @@
 //! answers one line-command per connection.
 //!
 //! Commands: `status` (the JSON status document), `reload` (re-read the
-//! keyring, then reset the keys so they use it).
+//! keyring, then reset the keys so they use it), `release KEY` (let go of
+//! a key, by serial or transport, for as long as the client keeps the
+//! connection open or until `resume KEY`), `resume KEY`.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -79,6 +81,36 @@ pub async fn request(path: &Path, command: &str) -> Result<String, String> {
         .await
         .map_err(|_| format!("the daemon at {} does not answer", path.display()))?
 }
+
+/// Sends `command` to the daemon at `path` and reads its one-line answer,
+/// keeping the connection open: for `release`, which lasts until the
+/// connection closes (so a `rekey` that dies gives the key back).
+pub async fn hold(path: &Path, command: &str) -> Result<(String, UnixStream), String> {
+    let exchange = async {
+        let mut s = UnixStream::connect(path).await.map_err(|e| {
+            format!(
+                "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
+                path.display()
+            )
+        })?;
+        s.write_all(format!("{command}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        BufReader::new(&mut s)
+            .take(MAX_ANSWER_LINE)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((answer, s))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), exchange)
+        .await
+        .map_err(|_| format!("the daemon at {} does not answer", path.display()))?
+}
+
+/// Longest one-line answer [`hold`] reads.
+const MAX_ANSWER_LINE: u64 = 4096;
 
 /// The control path to use: the option, or the default.
 pub fn path_or_default(p: Option<PathBuf>) -> PathBuf {

@@ -311,8 +311,9 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             }
             _ = sleep_until_opt(deadline) => {
                 session.handle_timeout(now());
-                match deliver(&mut session, status, &gate, blocks, on_event).await {
+                match deliver(&mut session, status, &gate, blocks, signals, on_event).await {
                     Delivered::OutputClosed => return Ok(Ended::OutputClosed),
+                    Delivered::Released => return Ok(Ended::Released),
                     Delivered::Unresponsive => unresponsive = true,
                     Delivered::Ok => {}
                 }
@@ -332,8 +333,9 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             while !input.is_empty() {
                 let used = session.handle_input(now(), input, keyring, &mut rng);
                 input = &input[used..];
-                match deliver(&mut session, status, &gate, blocks, on_event).await {
+                match deliver(&mut session, status, &gate, blocks, signals, on_event).await {
                     Delivered::OutputClosed => return Ok(Ended::OutputClosed),
+                    Delivered::Released => return Ok(Ended::Released),
                     Delivered::Unresponsive => unresponsive = true,
                     Delivered::Ok => {}
                 }
@@ -391,6 +393,22 @@ enum Delivered {
     Ok,
     OutputClosed,
     Unresponsive,
+    /// Let go of while waiting for the outputs to take a block.
+    Released,
+}
+
+/// Returns once the key described by `status` is to be let go of.
+async fn until_released(signals: &Signals, status: &SharedStatus) {
+    let mut rx = signals.released.clone();
+    loop {
+        if signals.is_released(&status.lock().unwrap_or_else(|p| p.into_inner())) {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            // Nobody can release keys any more.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -441,6 +459,7 @@ async fn deliver(
     status: &SharedStatus,
     gate_handle: &SharedGate,
     blocks: &mpsc::Sender<Block>,
+    signals: &Signals,
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
 ) -> Delivered {
     let mut result = Delivered::Ok;
@@ -509,12 +528,21 @@ async fn deliver(
                         data: *data,
                         status: status.clone(),
                     };
-                    if blocks.send(block).await.is_err() {
+                    // Outputs that take nothing (no EGD client, a full
+                    // kernel pool) must not keep a `rekey` waiting.
+                    let outcome = tokio::select! {
+                        r = blocks.send(block) => match r {
+                            Ok(()) => None,
+                            Err(_) => Some(Delivered::OutputClosed),
+                        },
+                        () = until_released(signals, status) => Some(Delivered::Released),
+                    };
+                    if let Some(outcome) = outcome {
                         // Released by the gate but taken by no output: the
                         // books say so.
                         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
                         st.outputs.unused += (32 * (released.len() - i)) as u64;
-                        return Delivered::OutputClosed;
+                        return outcome;
                     }
                     let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
                     st.delivered += data.len() as u64;

@@ -382,3 +382,53 @@ fn ctrl_c_during_a_rekey_stops_it_and_leaves_the_keyring_alone() {
     let mode = std::fs::metadata(&ring).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[test]
+fn a_release_ends_when_its_client_goes_even_with_outputs_backed_up() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    let dir = Scratch::new("release-held");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let emu = Emulator::start(&[
+        "--unix",
+        dir.path("key.sock").to_str().unwrap(),
+        "--rate",
+        "100000",
+    ]);
+    // EGD with no client: the pool fills and the key's driver waits for
+    // room, which must not stop it from letting go.
+    let daemon = Daemon::for_key(&dir, &emu.path, &ring, &["--egd-tcp", "127.0.0.1:0"]);
+    let egd_full = |d: &Daemon| {
+        let s = d.status();
+        s["keys"][0]["running"] == true
+            && s["keys"][0]["accounting"]["to_egd"].as_u64().unwrap_or(0) >= 16 * 1024
+    };
+    assert!(wait_for(20, || egd_full(&daemon)), "{}", daemon.status());
+    // Let the driver block on the full output.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    // A client (as `rekey` does) asks for the key and keeps the line open.
+    let target = emu.path.to_str().unwrap();
+    let mut conn = UnixStream::connect(&daemon.control).unwrap();
+    writeln!(conn, "release {target}").unwrap();
+    let mut answer = String::new();
+    BufReader::new(&conn).read_line(&mut answer).unwrap();
+    assert_eq!(answer.trim(), "ok: released");
+    let connected = |d: &Daemon| d.status()["keys"][0]["connected"] == true;
+    assert!(!connected(&daemon));
+    // Still released a while later: the open connection holds it.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(!connected(&daemon));
+
+    // The client dies without a `resume`: the daemon takes the key back.
+    drop(conn);
+    assert!(
+        wait_for(10, || {
+            let s = daemon.status();
+            s["keys"][0]["connected"] == true && s["keys"][0]["connects"] == 2
+        }),
+        "{}",
+        daemon.status()
+    );
+}
