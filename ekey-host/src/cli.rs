@@ -135,7 +135,8 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_PATH)]
         control: PathBuf,
     },
-    /// Read exactly N verified bytes from the first working key, like `dd`.
+    /// Read exactly N verified bytes, like `dd`: from the key found (with
+    /// several, their blocks in the order they arrive).
     Read {
         /// How many bytes.
         #[arg(short = 'n', value_name = "BYTES")]
@@ -194,7 +195,9 @@ struct Outputs {
     /// Write verified entropy to this file, or `-` for stdout.
     #[arg(long, short, value_name = "FILE|-")]
     output: Option<PathBuf>,
-    /// Stop after this many bytes (written to --output).
+    /// Stop after this many bytes have been written to --output (with no
+    /// output at all: after this many bytes from the keys). Bytes served
+    /// over EGD or given to the kernel do not count.
     #[arg(long, value_name = "BYTES")]
     limit: Option<u64>,
     /// The control socket `ekey-host status` asks (mode 0600).
@@ -543,16 +546,25 @@ fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
 }
 
 /// Creates (or truncates) `path` readable by its owner only: what goes in
-/// is entropy.
+/// is entropy. An existing regular file is made 0600 before anything is
+/// written; a device or pipe (`/dev/stdout`, a FIFO) is left as it is.
 fn create_private(path: &Path) -> Result<std::fs::File, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot inspect {}: {e}", path.display()))?;
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot make {} private (chmod 600): {e}", path.display()))?;
+    }
+    Ok(file)
 }
 
 /// Every key's status, growing as keys are plugged in.
@@ -1431,7 +1443,7 @@ fn start_kernel(
     };
     let config = kernel::KernelConfig::new(bits)?
         .with_pace(64, o.kernel_interval)
-        .map_err(|e| format!("--kernel-interval: {e}"))?;
+        .map_err(|_| "--kernel-interval must be more than 0".to_string())?;
     // Fail now, with a clear message, rather than later in a task.
     let sink = kernel::RandomDevice::open().map_err(|e| format!("--kernel: {e}"))?;
     let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));

@@ -283,11 +283,23 @@ pub async fn bind_tcp(addr: &str) -> io::Result<TcpListener> {
 /// Binds a Unix stream socket at `path` with permissions `mode` (0o600 is
 /// the default the CLI should use) and, if given, group `group`.
 ///
-/// A stale socket at `path` is removed first; any other kind of file there
-/// is an error (never deleted). Must be called inside a tokio runtime.
+/// A stale socket at `path` is removed first; a socket something still
+/// listens on, or any other kind of file, is an error (never deleted).
+/// Must be called inside a tokio runtime.
 pub fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is in use: another EGD server (another ekey-host?) listens there",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -1055,6 +1067,11 @@ mod tests {
         let l = bind_unix(&path, 0o660, Some(gid)).unwrap();
         let m = std::fs::metadata(&path).unwrap();
         assert_eq!((m.mode() & 0o777, m.gid()), (0o660, gid));
+        // A socket that is listened on is not taken over.
+        let err = bind_unix(&path, 0o600, None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("in use"), "{err}");
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         // Anything but a socket is left alone.
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();

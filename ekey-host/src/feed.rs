@@ -205,8 +205,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => return Err(bad()),
     };
-    d.ok_or_else(|| format!("{s:?}: too long"))
+    // Longer than a year is a typo, and would overflow the clock.
+    d.filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("{s:?}: too long (a year at most)"))
 }
+
+/// The longest duration [`parse_duration`] accepts: a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// `1 s`, `500 ms`, `1.5 s`.
 fn show(d: Duration) -> String {
@@ -719,6 +724,15 @@ mod tests {
                 .unwrap_err()
                 .contains("too long")
         );
+        // Up to a year; more would overflow the clock (the reviewer's
+        // `--interval 18446744073709551615` panicked in `Instant + d`).
+        assert_eq!(ok("8784h"), MAX_DURATION);
+        for long in ["8785h", "18446744073709551615", "31622401s"] {
+            assert!(
+                parse_duration(long).unwrap_err().contains("too long"),
+                "{long}"
+            );
+        }
         assert_eq!(show(Duration::from_secs(60)), "60 s");
         assert_eq!(show(Duration::from_millis(250)), "250 ms");
         assert_eq!(show(Duration::from_millis(1500)), "1.5 s");

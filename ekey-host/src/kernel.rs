@@ -97,7 +97,7 @@ impl KernelConfig {
         interval: Duration,
     ) -> Result<Self, String> {
         if bytes_per_interval == 0 || interval.is_zero() {
-            return Err("--kernel-interval: bytes and interval must be non-zero".into());
+            return Err("the interval and the bytes per interval must be non-zero".into());
         }
         self.bytes_per_interval = bytes_per_interval;
         self.interval = interval;

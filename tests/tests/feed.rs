@@ -391,3 +391,17 @@ fn feed_over_the_daemons_egd_unix_socket() {
     assert_eq!(s["egd"]["total_clients"], 1, "{s}");
     assert_eq!(s["egd"]["total_served"], 3000, "{s}");
 }
+
+#[test]
+fn absurd_durations_are_refused_not_a_panic() {
+    for opt in ["--interval", "--status-interval", "--retry-max"] {
+        let out = std::process::Command::new(support::ekey_host())
+            .args(["feed", "--egd", "127.0.0.1:1", "--test-discard", opt])
+            .arg("18446744073709551615")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{opt}: {stderr}");
+        assert!(stderr.contains("too long"), "{opt}: {stderr}");
+    }
+}

@@ -148,3 +148,24 @@ fn nix_is_root() -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+#[test]
+fn an_existing_output_file_is_made_private_before_entropy_goes_in() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Scratch::new("output-mode");
+    let out = dir.write("out.bin", "old contents\n");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = std::process::Command::new(support::ekey_host())
+        .args(["read", "-n", "64", "--emulate", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let meta = std::fs::metadata(&out).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), 64);
+}
