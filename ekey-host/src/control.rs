@@ -59,18 +59,24 @@ pub async fn read_command(stream: &mut UnixStream) -> io::Result<String> {
     Ok(line.trim().to_owned())
 }
 
+/// Connects to the daemon at `path` and sends `command`.
+async fn send(path: &Path, command: &str) -> Result<UnixStream, String> {
+    let mut s = UnixStream::connect(path).await.map_err(|e| {
+        format!(
+            "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
+            path.display()
+        )
+    })?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
 /// Sends `command` to the daemon at `path` and returns its answer.
 pub async fn request(path: &Path, command: &str) -> Result<String, String> {
     let exchange = async {
-        let mut s = UnixStream::connect(path).await.map_err(|e| {
-            format!(
-                "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
-                path.display()
-            )
-        })?;
-        s.write_all(format!("{command}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = send(path, command).await?;
         let mut answer = String::new();
         s.read_to_string(&mut answer)
             .await
@@ -87,15 +93,7 @@ pub async fn request(path: &Path, command: &str) -> Result<String, String> {
 /// connection closes (so a `rekey` that dies gives the key back).
 pub async fn hold(path: &Path, command: &str) -> Result<(String, UnixStream), String> {
     let exchange = async {
-        let mut s = UnixStream::connect(path).await.map_err(|e| {
-            format!(
-                "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
-                path.display()
-            )
-        })?;
-        s.write_all(format!("{command}\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = send(path, command).await?;
         let mut answer = String::new();
         BufReader::new(&mut s)
             .take(MAX_ANSWER_LINE)
