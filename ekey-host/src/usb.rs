@@ -16,6 +16,10 @@ pub const VENDOR_ID: u16 = 0x20df;
 /// The Entropy Key's product id.
 pub const PRODUCT_ID: u16 = 0x0001;
 
+/// How often, and how far apart, a busy interface is claimed again.
+const CLAIM_RETRIES: u32 = 15;
+const CLAIM_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The CDC data interface class.
 const CDC_DATA: u8 = 0x0a;
 
@@ -98,16 +102,26 @@ pub async fn open(info: &DeviceInfo) -> io::Result<(Link, nusb::Device)> {
         )
     })?;
     let data = find_data_interface(&dev)?;
-    let intf = dev
-        .detach_and_claim_interface(data.interface)
-        .await
-        .map_err(|e| {
-            io::Error::other(format!(
-                "{}: cannot claim interface {}: {e}",
-                describe(info),
-                data.interface
-            ))
-        })?;
+    // A handle that was just dropped (the daemon letting go of the key for
+    // a `rekey`, or `rekey` handing it back) releases the interface once
+    // its transfers are cancelled: "busy" for a moment is retried.
+    let mut attempts = 0;
+    let intf = loop {
+        match dev.detach_and_claim_interface(data.interface).await {
+            Ok(intf) => break intf,
+            Err(e) if e.kind() == nusb::ErrorKind::Busy && attempts < CLAIM_RETRIES => {
+                attempts += 1;
+                tokio::time::sleep(CLAIM_RETRY_DELAY).await;
+            }
+            Err(e) => {
+                return Err(io::Error::other(format!(
+                    "{}: cannot claim interface {}: {e}",
+                    describe(info),
+                    data.interface
+                )));
+            }
+        }
+    };
     let ep_in = intf
         .endpoint::<Bulk, In>(data.ep_in)
         .map_err(|e| io::Error::other(format!("endpoint {:#04x}: {e}", data.ep_in)))?;

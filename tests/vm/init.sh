@@ -23,7 +23,7 @@ mkdir -p /tmp /r
 EKEY=/bin/ekey-host
 KEYRING=/etc/keyring      # the demo key's serial and long-term key
 RATE=8000                 # software key rate (bytes/s): twice a real key's (~86 frames/s, <4 kB/s)
-ONLY=""                   # run only these steps (vmonly=hs,tty,hp,nu,fs,egd; debugging)
+ONLY=""                   # run only these steps (vmonly=hs,tty,hp,nu,rk,fs,egd; debugging)
 for a in $(cat /proc/cmdline); do
   case $a in vmrate=*) RATE=${a#vmrate=};; vmonly=*) ONLY=${a#vmonly=};; vmlog=*) export EKEY_LOG=${a#vmlog=};; esac
 done
@@ -210,6 +210,39 @@ if step nu; then
 say "hotplug-no-udev"
 pidof uevent-relay udevd systemd-udevd > /r/nu.listeners   # empty: nobody sends udev events
 hotplug_step nu 6666666666666666666666666666666666666666666666666666666666666666
+fi
+
+# ---- 7. usb-rekey: `rekey` over USB while the daemon holds the key ----
+# The daemon lets go of the key (its USB interface), `rekey` claims it and
+# sets a new long-term key, the daemon claims it again and keys it with
+# the new key from the rewritten keyring.
+if step rk; then
+say "usb-rekey"
+HP=rk; CTL=/tmp/rk.ctl
+cp $KEYRING /tmp/rk.keyring; chmod 600 /tmp/rk.keyring
+echo "TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU1N TU2T" > /tmp/rk.master
+start_key rk 7777777777777777777777777777777777777777777777777777777777777777
+plug
+$EKEY run --keyring /tmp/rk.keyring --output /r/rk.out --control $CTL 2> /r/rk.log &
+DAEMON=$!
+wait_for 20 running || say "rk: the daemon did not key the key"
+wait_for 30 grow 16384
+status > /r/rk.status1.json
+t0=$(up)
+timeout 60 $EKEY rekey --master-key-file /tmp/rk.master --keyring /tmp/rk.keyring \
+  --control $CTL > /r/rk.rekey.out 2> /r/rk.rekey.log
+echo $? > /r/rk.rekey.rc
+say "rk: rekey exited $(cat /r/rk.rekey.rc) after $(echo "$(up) - $t0" | bc) s"
+connects2() { status | grep -q '"connects": 2'; }
+wait_for 30 connects2 && wait_for 30 running && echo "$(echo "$(up) - $t0" | bc)" > /r/rk.back
+after=$(($(size) + 16384))
+wait_for 40 grow $after
+status > /r/rk.status2.json
+cp /tmp/rk.keyring /r/rk.keyring
+kill -TERM $DAEMON; wait $DAEMON; echo $? > /r/rk.rc
+stop_key
+say "rk: daemon stopped (exit $(cat /r/rk.rc)), $(size) bytes"
+[ -s /r/rk.back ] || { show rk.log 40; show rk.rekey.log; show rk.key.log; }
 fi
 
 # ---- 2. usb-fullspeed: dummy_hcd at 12 Mb/s (64-byte bulk packets) ----
