@@ -387,7 +387,11 @@ pub async fn run_with(
     *stats.lock().unwrap_or_else(|e| e.into_inner()) = feeder.stats().clone();
     // Room for the most it ever holds (a request and a block), so that it
     // never moves: a move would leave an unwiped copy behind.
-    let most = feeder.config.chunk().max(feeder.config.bytes_per_interval()) + 32;
+    let most = feeder
+        .config
+        .chunk()
+        .max(feeder.config.bytes_per_interval())
+        + 32;
     let mut pending = Zeroizing::new(Vec::<u8>::with_capacity(most));
     let mut pending_keys = crate::egd::Runs::default();
     let mut by_key = std::collections::BTreeMap::new();
