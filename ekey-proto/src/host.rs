@@ -498,6 +498,7 @@ impl Drop for PlainRing {
         self.slots.zeroize();
     }
 }
+
 /// Events one frame can produce at most; input is not taken unless this
 /// many slots are free.
 const EVENTS_PER_FRAME: usize = 4;
@@ -660,7 +661,6 @@ impl Session {
     /// `now` (for example an RNG adapter between two calls), so that this
     /// silence does not count as the key going idle. Deadlines for
     /// outstanding commands (a reset, a re-key) are unchanged.
-    ///
     pub fn resume(&mut self, now: Instant) {
         self.last_frame = self.last_frame.max(now);
     }
