@@ -570,6 +570,22 @@ fn create_private(path: &Path) -> Result<std::fs::File, String> {
 /// Every key's status, growing as keys are plugged in.
 type SharedStatuses = Arc<Mutex<Vec<SharedStatus>>>;
 
+/// How many times each key's health gate has closed, for the outputs (they
+/// withdraw bytes released before the latest closing).
+fn gate_closes(statuses: &SharedStatuses) -> egd::GateCloses {
+    let statuses = statuses.clone();
+    Arc::new(move |serial: &Serial| {
+        let list = statuses.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .filter_map(|st| {
+                let st = st.lock().unwrap_or_else(|p| p.into_inner());
+                (st.serial == Some(*serial)).then_some(st.gate.counters.times_closed)
+            })
+            .max()
+            .unwrap_or(0)
+    })
+}
+
 fn snapshot(statuses: &SharedStatuses) -> Vec<KeyStatus> {
     statuses
         .lock()
@@ -764,7 +780,9 @@ async fn run(
     } = outputs.clone();
     let mut tested = false;
     let is_read = read_timeout.is_some();
-    let (egd_tx, egd_stats, egd_unix_path) = start_egd(&outputs).await?;
+    let statuses: SharedStatuses = Arc::new(Mutex::new(Vec::new()));
+    let closes = gate_closes(&statuses);
+    let (egd_tx, egd_stats, egd_unix_path) = start_egd(&outputs, closes.clone()).await?;
     if outputs.kernel.is_some() && keys.emulate {
         return Err(
             "--kernel with --emulate would credit the kernel with bytes from its own \
@@ -772,7 +790,7 @@ async fn run(
                 .into(),
         );
     }
-    let (kernel_tx, kernel_stats) = start_kernel(&outputs)?;
+    let (kernel_tx, kernel_stats) = start_kernel(&outputs, closes)?;
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(&keys)?));
     let mut out = open_output(output.as_deref())?;
     let (tx, mut rx) = mpsc::channel::<Block>(64);
@@ -804,7 +822,6 @@ async fn run(
         is_read,
         keyed: keyed.clone(),
     };
-    let statuses: SharedStatuses = Arc::new(Mutex::new(Vec::new()));
 
     for path in &keys.devices {
         let status = add_status(&statuses, path.display().to_string(), None, ctx.gate);
@@ -1019,15 +1036,23 @@ async fn run(
                     return Err("the kernel output stopped (see the log)".into());
                 };
                 if let Some(block) = pending.take() {
-                    permit.send((block.data, block.serial));
-                    block.book(32, |o| &mut o.kernel);
+                    if block.withdrawn() {
+                        block.book(32, |o| &mut o.withdrawn);
+                    } else {
+                        permit.send((block.data, block.serial, block.epoch));
+                        block.book(32, |o| &mut o.kernel);
+                    }
                 }
             }
             permit = reserve_block(egd_tx.as_ref()), if pending.is_some() => {
                 let Ok(permit) = permit else { break };
                 if let Some(block) = pending.take() {
-                    permit.send((block.data, block.serial));
-                    block.book(32, |o| &mut o.egd);
+                    if block.withdrawn() {
+                        block.book(32, |o| &mut o.withdrawn);
+                    } else {
+                        permit.send((block.data, block.serial, block.epoch));
+                        block.book(32, |o| &mut o.egd);
+                    }
                 }
             }
             permit = reserve(writer.as_ref()), if pending.is_some() => {
@@ -1036,6 +1061,10 @@ async fn run(
                     break;
                 };
                 if let Some(block) = pending.take() {
+                    if block.withdrawn() {
+                        block.book(32, |o| &mut o.withdrawn);
+                        continue;
+                    }
                     let take = limit.map_or(32, |l| (l - written).min(32));
                     permit.send((block.data, take as usize));
                     written += take;
@@ -1375,6 +1404,7 @@ impl Notifier {
 /// the Unix socket to remove at the end.
 async fn start_egd(
     o: &Outputs,
+    closes: egd::GateCloses,
 ) -> Result<
     (
         Option<mpsc::Sender<egd::SourceBlock>>,
@@ -1420,7 +1450,7 @@ async fn start_egd(
     let (tx, rx) = mpsc::channel::<egd::SourceBlock>(8);
     let st = stats.clone();
     tokio::spawn(async move {
-        if let Err(e) = egd::serve(listeners, config, rx, st).await {
+        if let Err(e) = egd::serve(listeners, config, rx, st, closes).await {
             warn!("EGD server stopped: {e}");
         }
     });
@@ -1431,6 +1461,7 @@ async fn start_egd(
 #[allow(clippy::type_complexity)]
 fn start_kernel(
     o: &Outputs,
+    closes: egd::GateCloses,
 ) -> Result<
     (
         Option<mpsc::Sender<kernel::KeyBlock>>,
@@ -1455,7 +1486,7 @@ fn start_kernel(
         info!("feeding the kernel, crediting {bits} bits per byte");
     }
     tokio::spawn(async move {
-        if let Err(e) = kernel::run_with(config, rx, st, sink).await {
+        if let Err(e) = kernel::run_with(config, rx, st, sink, closes).await {
             warn!("kernel output stopped: {e}");
         }
     });
@@ -1550,7 +1581,12 @@ impl Daemon {
                                 .serial
                                 .and_then(|s| e.served_by_key.get(&s).copied())
                                 .unwrap_or(0);
+                            let withdrawn = st
+                                .serial
+                                .and_then(|s| e.withdrawn_by_key.get(&s).copied())
+                                .unwrap_or(0);
                             k["accounting"]["egd_served"] = serde_json::json!(served);
+                            k["accounting"]["egd_withdrawn"] = serde_json::json!(withdrawn);
                         }
                     }
                     doc["egd"] = e.to_json();
@@ -1564,8 +1600,13 @@ impl Daemon {
                                 .serial
                                 .and_then(|s| k.bytes_by_key.get(&s).copied())
                                 .unwrap_or(0);
+                            let withdrawn = st
+                                .serial
+                                .and_then(|s| k.withdrawn_by_key.get(&s).copied())
+                                .unwrap_or(0);
                             let a = &mut entry["accounting"];
                             a["kernel_accepted"] = serde_json::json!(accepted);
+                            a["kernel_withdrawn"] = serde_json::json!(withdrawn);
                             a["kernel_bits_credited"] =
                                 serde_json::json!(accepted * u64::from(self.kernel_bits));
                         }

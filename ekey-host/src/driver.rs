@@ -26,6 +26,9 @@ pub struct Block {
     /// The key's status, where the output that takes the block books it
     /// ([`KeyStatus::outputs`]).
     pub status: SharedStatus,
+    /// How many times the key's health gate had closed when the block was
+    /// released. If it has closed since, the block is withdrawn.
+    pub epoch: u64,
 }
 
 impl std::fmt::Debug for Block {
@@ -43,6 +46,13 @@ impl Drop for Block {
 }
 
 impl Block {
+    /// Whether the key's health gate closed after this block was released
+    /// (the block is then not to be used).
+    pub fn withdrawn(&self) -> bool {
+        let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.gate.counters.times_closed > self.epoch
+    }
+
     /// Books `bytes` of this block to an output in the key's ledger.
     pub fn book(&self, bytes: u64, to: impl FnOnce(&mut OutputLedger) -> &mut u64) {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -146,12 +156,15 @@ pub struct OutputLedger {
     pub file: u64,
     /// Taken but not used (beyond `read`'s limit, or no output asked for).
     pub unused: u64,
+    /// Released, then withdrawn before any output took it: the key's
+    /// health gate closed in between.
+    pub withdrawn: u64,
 }
 
 impl OutputLedger {
-    /// Bytes handed to any output or left unused.
+    /// Bytes handed to any output, left unused or withdrawn.
     pub fn total(&self) -> u64 {
-        self.kernel + self.egd + self.file + self.unused
+        self.kernel + self.egd + self.file + self.unused + self.withdrawn
     }
 
     /// Of `released` bytes, those still on their way to an output.
@@ -411,6 +424,17 @@ async fn until_released(signals: &Signals, status: &SharedStatus) {
     }
 }
 
+/// Shows the gate's new state in the key's status. If it closed, the
+/// outputs are told to withdraw the key's bytes released before
+/// ([`crate::egd::GATE_CLOSINGS`], after the status shows the closing).
+fn set_gate(st: &mut KeyStatus, after: ekey_proto::health::GateStatus) {
+    let closed = after.counters.times_closed > st.gate.counters.times_closed;
+    st.gate = after;
+    if closed {
+        crate::egd::GATE_CLOSINGS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -521,12 +545,13 @@ async fn deliver(
                     log_gate_change(serial, before, &gate);
                     (released, gate.status())
                 };
-                status.lock().unwrap_or_else(|p| p.into_inner()).gate = after;
+                set_gate(&mut status.lock().unwrap_or_else(|p| p.into_inner()), after);
                 for (i, data) in released.iter().enumerate() {
                     let block = Block {
                         serial,
                         data: *data,
                         status: status.clone(),
+                        epoch: after.counters.times_closed,
                     };
                     // Outputs that take nothing (no EGD client, a full
                     // kernel pool) must not keep a `rekey` waiting.
@@ -561,7 +586,7 @@ async fn deliver(
                 if after.warnings.any() && !st.gate.warnings.any() {
                     tracing::warn!("key {serial}: {}", after.warnings);
                 }
-                st.gate = after;
+                set_gate(&mut st, after);
             }
             Event::Unresponsive { .. } => result = Delivered::Unresponsive,
             _ => {}

@@ -35,6 +35,11 @@
 //!   from the front of the pool, so no client can starve the others. Every
 //!   byte is moved out of the pool exactly once: it is never given to two
 //!   clients, and each client receives its bytes in source order.
+//! * **Withdrawal.** Each block comes with how many times its key's health
+//!   gate had closed when it was released. When a gate closes
+//!   ([`GATE_CLOSINGS`] moves), the hub drops that key's bytes from the
+//!   pool before it next grants any, and refuses blocks still on their
+//!   way from before the closing ([`EgdStats::withdrawn_by_key`]).
 //! * **Per-client tasks.** Each connection runs in its own task with a reader
 //!   (parses commands into a bounded queue of
 //!   `max(1, buffer_per_client / 256)` requests — a client pipelining more is
@@ -147,10 +152,75 @@ pub struct EgdStats {
     pub closed_for_protocol_errors: u64,
     /// Entropy bytes written to clients, by the key they came from.
     pub served_by_key: BTreeMap<Serial, u64>,
+    /// Bytes withdrawn from the pool (or refused on the way in) because
+    /// their key's health gate closed after they were released, by key.
+    pub withdrawn_by_key: BTreeMap<Serial, u64>,
 }
 
-/// A verified block for the pool and the key it came from.
-pub type SourceBlock = ([u8; 32], Serial);
+/// A verified block for the pool, the key it came from, and how many times
+/// that key's health gate had closed when the block was released.
+pub type SourceBlock = ([u8; 32], Serial, u64);
+
+/// How many times a key's health gate has closed so far. A block released
+/// before the latest closing is withdrawn: never served.
+pub type GateCloses = Arc<dyn Fn(&Serial) -> u64 + Send + Sync>;
+
+/// Bumped whenever any key's health gate closes, so that the outputs look
+/// for bytes to withdraw only then.
+pub static GATE_CLOSINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Removes from `bytes` (with their `runs`) every byte whose key `stale`
+/// names; returns what was removed, by key. The rest keeps its order.
+pub(crate) fn withdraw_from<B>(
+    bytes: &mut B,
+    runs: &mut Runs,
+    stale: impl Fn(&Serial) -> bool,
+) -> Vec<(Serial, usize)>
+where
+    B: ByteQueue,
+{
+    if !runs.0.iter().any(|(k, _)| stale(k)) {
+        return Vec::new();
+    }
+    let mut removed = Vec::new();
+    let mut kept = Runs::default();
+    let mut at = 0;
+    for (key, n) in runs.0.drain(..) {
+        if stale(&key) {
+            bytes.remove_range(at, n);
+            removed.push((key, n));
+        } else {
+            at += n;
+            kept.push_back(key, n);
+        }
+    }
+    *runs = kept;
+    removed
+}
+
+/// A byte queue [`withdraw_from`] can cut runs out of.
+pub(crate) trait ByteQueue {
+    /// Removes `n` bytes from `at` on (wiping them where it can).
+    fn remove_range(&mut self, at: usize, n: usize);
+}
+
+impl ByteQueue for VecDeque<u8> {
+    fn remove_range(&mut self, at: usize, n: usize) {
+        let end = (at + n).min(self.len());
+        for b in self.range_mut(at.min(end)..end) {
+            *b = 0;
+        }
+        self.drain(at.min(end)..end);
+    }
+}
+
+impl ByteQueue for Vec<u8> {
+    fn remove_range(&mut self, at: usize, n: usize) {
+        let end = (at + n).min(self.len());
+        self[at.min(end)..end].fill(0);
+        self.drain(at.min(end)..end);
+    }
+}
 
 /// Which key each byte of a byte queue came from, as runs in queue order
 /// (kept beside the bytes, so the bytes themselves stay a plain queue).
@@ -326,12 +396,14 @@ pub async fn serve(
     config: EgdConfig,
     mut source: mpsc::Receiver<SourceBlock>,
     stats: Arc<Mutex<EgdStats>>,
+    closes: GateCloses,
 ) -> io::Result<()> {
     let ctx = Arc::new(Ctx {
         config,
         hub: Mutex::new(Hub::default()),
         hub_wake: Notify::new(),
         stats,
+        closes,
     });
     tokio::select! {
         () = run_hub(&ctx, &mut source) => Ok(()),
@@ -346,6 +418,7 @@ struct Ctx {
     /// Wakes the hub: new want, pool taken from, client gone.
     hub_wake: Notify,
     stats: Arc<Mutex<EgdStats>>,
+    closes: GateCloses,
 }
 
 impl Ctx {
@@ -376,6 +449,13 @@ struct Hub {
     waiters: VecDeque<u64>,
     active: usize,
     next_id: u64,
+    /// [`GATE_CLOSINGS`] when the pool was last checked for bytes to
+    /// withdraw.
+    closings_seen: u64,
+    /// For each key with bytes in the pool: how many times its gate had
+    /// closed when they were released (all the same: older ones are
+    /// withdrawn before newer ones go in).
+    pool_epoch: HashMap<Serial, u64>,
 }
 
 struct Slot {
@@ -402,6 +482,43 @@ impl Hub {
                 self.pool.push_front(b);
             }
         }
+    }
+
+    /// After any key's gate closed: withdraws from the pool the bytes of
+    /// keys whose gate closed after they were released. (Every byte in the
+    /// pool was released before the closing it is checked against, except
+    /// after a closing and a re-opening the check missed: 64 clean blocks
+    /// later, so not in practice; such bytes would only be withdrawn too.)
+    fn withdraw_closed(&mut self, closes: &GateCloses, stats: &Mutex<EgdStats>) {
+        let now = GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire);
+        if now == self.closings_seen {
+            return;
+        }
+        let epochs = &self.pool_epoch;
+        let removed = withdraw_from(&mut self.pool, &mut self.pool_keys, |k| {
+            epochs.get(k).is_some_and(|&e| e < closes(k))
+        });
+        self.closings_seen = now;
+        let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, n) in removed {
+            self.pool_epoch.remove(&key);
+            *stats.withdrawn_by_key.entry(key).or_default() += n as u64;
+        }
+    }
+
+    /// Takes a block from the source into the pool, unless its key's gate
+    /// closed after it was released.
+    fn take_in(&mut self, block: SourceBlock, closes: &GateCloses, stats: &Mutex<EgdStats>) {
+        let (data, key, epoch) = block;
+        self.withdraw_closed(closes, stats);
+        if epoch < closes(&key) {
+            let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+            *stats.withdrawn_by_key.entry(key).or_default() += data.len() as u64;
+            return;
+        }
+        self.pool.extend(data);
+        self.pool_keys.push_back(key, data.len());
+        self.pool_epoch.insert(key, epoch);
     }
 
     fn need_source(&self, pool_bytes: usize) -> bool {
@@ -498,6 +615,7 @@ async fn run_hub(ctx: &Ctx, source: &mut mpsc::Receiver<SourceBlock>) {
     loop {
         let (need, wake) = {
             let mut hub = ctx.hub();
+            hub.withdraw_closed(&ctx.closes, &ctx.stats);
             let wake = hub.distribute(Instant::now());
             (hub.need_source(ctx.config.pool_bytes), wake)
         };
@@ -506,11 +624,7 @@ async fn run_hub(ctx: &Ctx, source: &mut mpsc::Receiver<SourceBlock>) {
             biased;
             () = ctx.hub_wake.notified() => {}
             block = source.recv(), if need => match block {
-                Some((block, key)) => {
-                    let mut hub = ctx.hub();
-                    hub.pool.extend(block);
-                    hub.pool_keys.push_back(key, block.len());
-                }
+                Some(block) => ctx.hub().take_in(block, &ctx.closes, &ctx.stats),
                 None => return,
             },
             () = sleep, if wake.is_some() => {}
@@ -728,6 +842,7 @@ impl Client {
         let count = {
             let mut hub = self.ctx.hub();
             let hub = &mut *hub;
+            hub.withdraw_closed(&self.ctx.closes, &self.ctx.stats);
             let Some(slot) = hub.slots.get_mut(&self.id) else {
                 return 0;
             };
@@ -846,7 +961,12 @@ mod tests {
     /// Block `i` from a key whose serial says whether `i` is odd (so the
     /// test can tell which key each served byte came from).
     fn src(i: u64) -> SourceBlock {
-        (block(i), key_of(i))
+        (block(i), key_of(i), 0)
+    }
+
+    /// Keys whose gate never closed.
+    fn never_closed() -> GateCloses {
+        Arc::new(|_: &Serial| 0)
     }
 
     fn key_of(i: u64) -> Serial {
@@ -892,7 +1012,13 @@ mod tests {
             let stats = Arc::new(Mutex::new(EgdStats::default()));
             let l = bind_tcp(":0").await.unwrap();
             let addr = l.local_addr().unwrap();
-            let task = tokio::spawn(serve(vec![EgdListener::Tcp(l)], config, rx, stats.clone()));
+            let task = tokio::spawn(serve(
+                vec![EgdListener::Tcp(l)],
+                config,
+                rx,
+                stats.clone(),
+                never_closed(),
+            ));
             Self {
                 addr,
                 tx,
@@ -1085,6 +1211,7 @@ mod tests {
             EgdConfig::default(),
             rx,
             stats.clone(),
+            never_closed(),
         ));
         let mut s = UnixStream::connect(&path).await.unwrap();
         assert_eq!(pid_reply(&mut s).await, std::process::id().to_string());
@@ -1292,6 +1419,32 @@ mod tests {
         // The quitter's unwritten grants went back with their keys: the
         // books by key still add up to what was served.
         assert_eq!(st.served_by_key.values().sum::<u64>(), st.total_served);
+    }
+
+    #[test]
+    fn withdrawing_a_key_cuts_its_runs_out_and_keeps_the_rest_in_order() {
+        let (a, b) = (Serial([1; 12]), Serial([2; 12]));
+        let mut q: VecDeque<u8> = (0..96u8).collect();
+        let mut runs = Runs::default();
+        runs.push_back(a, 32);
+        runs.push_back(b, 32);
+        runs.push_back(a, 32);
+        let removed = withdraw_from(&mut q, &mut runs, |k| *k == a);
+        assert_eq!(removed, vec![(a, 32), (a, 32)]);
+        assert_eq!(q, (32..64u8).collect::<VecDeque<u8>>());
+        assert_eq!(runs.take_front(100), vec![(b, 32)]);
+
+        let mut v: Vec<u8> = (0..96u8).collect();
+        let mut runs = Runs::default();
+        runs.push_back(b, 40);
+        runs.push_back(a, 16);
+        runs.push_back(b, 40);
+        let removed = withdraw_from(&mut v, &mut runs, |k| *k == a);
+        assert_eq!(removed, vec![(a, 16)]);
+        assert_eq!(v, (0..40u8).chain(56..96).collect::<Vec<u8>>());
+        // Nothing of the key: nothing moves.
+        assert!(withdraw_from(&mut v, &mut runs, |k| *k == a).is_empty());
+        assert_eq!(v.len(), 80);
     }
 
     #[test]

@@ -39,6 +39,8 @@ use nix::libc;
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::egd::GateCloses;
+
 /// Largest number of bytes passed to the kernel in one ioctl.
 pub const MAX_CHUNK: usize = 512;
 
@@ -160,6 +162,9 @@ pub struct KernelStats {
     /// `bits_per_byte` bits); kept by [`run`], empty for a bare
     /// [`KernelFeeder`].
     pub bytes_by_key: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    /// Bytes dropped before they reached the kernel because their key's
+    /// health gate closed after they were released, by key.
+    pub withdrawn_by_key: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
 }
 
 /// Where entropy goes: the kernel ([`RandomDevice`]) or a fake in tests.
@@ -367,13 +372,67 @@ pub async fn run(
     config: KernelConfig,
     source: mpsc::Receiver<KeyBlock>,
     stats: Arc<Mutex<KernelStats>>,
+    closes: GateCloses,
 ) -> io::Result<()> {
     let sink = RandomDevice::open()?;
-    run_with(config, source, stats, sink).await
+    run_with(config, source, stats, sink, closes).await
 }
 
-/// A verified block and the key it came from.
-pub type KeyBlock = ([u8; 32], ekey_proto::keys::Serial);
+/// The kernel output's side of withdrawing bytes whose key's gate closed
+/// after they were released (see [`crate::egd::GATE_CLOSINGS`]).
+#[derive(Default)]
+struct Withdrawals {
+    /// [`crate::egd::GATE_CLOSINGS`] at the last check.
+    closings_seen: u64,
+    /// For each key with bytes waiting: its gate's closings when they were
+    /// released.
+    epoch: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    by_key: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+}
+
+impl Withdrawals {
+    /// Queues a block, unless its key's gate closed after its release.
+    fn take_in(
+        &mut self,
+        block: KeyBlock,
+        pending: &mut Vec<u8>,
+        keys: &mut crate::egd::Runs,
+        closes: &GateCloses,
+    ) {
+        let (data, key, epoch) = block;
+        self.check(pending, keys, closes);
+        if epoch < closes(&key) {
+            *self.by_key.entry(key).or_default() += data.len() as u64;
+            return;
+        }
+        pending.extend_from_slice(&data);
+        keys.push_back(key, data.len());
+        self.epoch.insert(key, epoch);
+    }
+
+    /// After any gate closed: drops waiting bytes released before their
+    /// key's gate last closed.
+    fn check(&mut self, pending: &mut Vec<u8>, keys: &mut crate::egd::Runs, closes: &GateCloses) {
+        let now = crate::egd::GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire);
+        if now == self.closings_seen {
+            return;
+        }
+        self.closings_seen = now;
+        let epochs = &self.epoch;
+        let removed = crate::egd::withdraw_from(pending, keys, |k| {
+            epochs.get(k).is_some_and(|&e| e < closes(k))
+        });
+        for (key, n) in removed {
+            self.epoch.remove(&key);
+            *self.by_key.entry(key).or_default() += n as u64;
+        }
+    }
+}
+
+/// A verified block, the key it came from, and how many times that key's
+/// health gate had closed when it was released (a block released before
+/// a later closing is withdrawn, never credited).
+pub type KeyBlock = ([u8; 32], ekey_proto::keys::Serial, u64);
 
 /// [`run`] with any [`EntropySink`].
 pub async fn run_with(
@@ -381,6 +440,7 @@ pub async fn run_with(
     mut source: mpsc::Receiver<KeyBlock>,
     stats: Arc<Mutex<KernelStats>>,
     mut sink: impl EntropySink,
+    closes: GateCloses,
 ) -> io::Result<()> {
     let mut feeder = KernelFeeder::new(config, Instant::now(), sink.initialised());
     tracing::info!("kernel: {}", feeder.mode());
@@ -395,6 +455,7 @@ pub async fn run_with(
     let mut pending = Zeroizing::new(Vec::<u8>::with_capacity(most));
     let mut pending_keys = crate::egd::Runs::default();
     let mut by_key = std::collections::BTreeMap::new();
+    let mut withdrawn = Withdrawals::default();
     let chunk = feeder.config.chunk();
     loop {
         let want = feeder.wants(Instant::now());
@@ -413,21 +474,22 @@ pub async fn run_with(
         };
         while pending.len() < need {
             match source.recv().await {
-                Some((block, key)) => {
-                    pending.extend_from_slice(&block);
-                    pending_keys.push_back(key, block.len());
+                Some(block) => {
+                    withdrawn.take_in(block, &mut pending, &mut pending_keys, &closes);
                 }
                 None => return Ok(()),
             }
         }
         while pending.len() < want {
             match source.try_recv() {
-                Ok((block, key)) => {
-                    pending.extend_from_slice(&block);
-                    pending_keys.push_back(key, block.len());
-                }
+                Ok(block) => withdrawn.take_in(block, &mut pending, &mut pending_keys, &closes),
                 Err(_) => break,
             }
+        }
+        // A key's gate may have closed while its bytes waited here.
+        withdrawn.check(&mut pending, &mut pending_keys, &closes);
+        if pending.is_empty() {
+            continue;
         }
         let take = want.min(pending.len());
         let bytes = Zeroizing::new(pending.drain(..take).collect::<Vec<u8>>());
@@ -451,6 +513,7 @@ pub async fn run_with(
             let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
             *st = feeder.stats().clone();
             st.bytes_by_key = by_key.clone();
+            st.withdrawn_by_key = withdrawn.by_key.clone();
         }
         if *feeder.mode() != before {
             tracing::info!("kernel: {}", feeder.mode());
@@ -657,7 +720,8 @@ mod tests {
             init_after: 64,
             ..FakeSink::default()
         };
-        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink));
+        let never: GateCloses = Arc::new(|_: &ekey_proto::keys::Serial| 0);
+        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, never));
         // Filling takes whatever comes; then one topping mix is due after
         // an hour, so the rest stays in the channel (backpressure).
         // Two keys, alternating blocks.
@@ -666,7 +730,7 @@ mod tests {
             ekey_proto::keys::Serial([2; 12]),
         ];
         for i in 0..10 {
-            tx.send(([7; 32], keys[i % 2])).await.unwrap();
+            tx.send(([7; 32], keys[i % 2], 0)).await.unwrap();
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -684,6 +748,60 @@ mod tests {
             n - first
         );
         assert!(tx.capacity() < 64, "unwanted blocks stay queued");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn blocks_released_before_their_gate_closed_are_never_credited() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (tx, rx) = mpsc::channel(64);
+        let stats = Arc::new(Mutex::new(KernelStats::default()));
+        // Topping from the start: 64 bytes every 200 ms.
+        let config = KernelConfig {
+            interval: Duration::from_millis(200),
+            ..KernelConfig::default()
+        };
+        let sink = FakeSink::default();
+        let (a, b) = (
+            ekey_proto::keys::Serial([1; 12]),
+            ekey_proto::keys::Serial([2; 12]),
+        );
+        let a_closes = Arc::new(AtomicU64::new(0));
+        let closes: GateCloses = {
+            let a_closes = a_closes.clone();
+            Arc::new(move |k: &ekey_proto::keys::Serial| {
+                if *k == a {
+                    a_closes.load(Ordering::SeqCst)
+                } else {
+                    0
+                }
+            })
+        };
+        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, closes));
+        tx.send(([1; 32], a, 0)).await.unwrap();
+        tx.send(([2; 32], b, 0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = stats.lock().unwrap().clone();
+        assert_eq!(
+            (s.bytes_by_key.get(&a), s.bytes_by_key.get(&b)),
+            (Some(&32), Some(&32))
+        );
+
+        // Key A's gate closes. Its block released before (epoch 0) is
+        // withdrawn; its block released after (epoch 1) is taken.
+        a_closes.store(1, Ordering::SeqCst);
+        crate::egd::GATE_CLOSINGS.fetch_add(1, Ordering::SeqCst);
+        tx.send(([3; 32], a, 0)).await.unwrap();
+        tx.send(([4; 32], b, 0)).await.unwrap();
+        tx.send(([5; 32], a, 1)).await.unwrap();
+        tx.send(([6; 32], b, 0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let s = stats.lock().unwrap().clone();
+        assert_eq!(s.withdrawn_by_key.get(&a), Some(&32), "{s:?}");
+        assert_eq!(s.withdrawn_by_key.get(&b), None);
+        assert_eq!(s.bytes_by_key.get(&a), Some(&64), "{s:?}");
+        assert!(s.bytes_by_key.get(&b).copied().unwrap_or(0) >= 64, "{s:?}");
+        assert_eq!(s.bits_credited, s.bytes_written * 7);
         task.abort();
     }
 

@@ -168,7 +168,7 @@ pub fn registry(s: &Snapshot) -> Registry {
     );
     let per_output = m.counter(
         "key_output_bytes",
-        "Released bytes of the key by the output they were handed to",
+        "Released bytes of the key by the output they were handed to (unused: none asked; withdrawn: the key's gate closed first)",
     );
     let queued = m.gauge(
         "key_output_queued_bytes",
@@ -262,6 +262,7 @@ pub fn registry(s: &Snapshot) -> Registry {
             ("egd", k.outputs.egd),
             ("file", k.outputs.file),
             ("unused", k.outputs.unused),
+            ("withdrawn", k.outputs.withdrawn),
         ] {
             add(&per_output, &with(l.clone(), "output", name), v);
         }

@@ -90,8 +90,11 @@ pub fn gate_json(g: &GateStatus) -> Value {
 
 /// Where a key's verified bytes went. `received` = `discarded` +
 /// `in_gate` + `to_kernel` + `to_egd` + `to_file` + `unused` (no output
-/// asked for, or past `read`'s limit) + `queued` (released, not yet taken
-/// by an output). `to_kernel` bytes are credited (or mixed in without
+/// asked for, or past `read`'s limit) + `withdrawn` (released, then dropped
+/// before an output took it, because the key's gate closed) + `queued`
+/// (released, not yet taken by an output). The kernel and EGD outputs
+/// also drop what they still hold of a key whose gate closes:
+/// `kernel_withdrawn` and `egd_withdrawn`, of `to_kernel` and `to_egd`. `to_kernel` bytes are credited (or mixed in without
 /// credit with `--kernel=0`) as the kernel output writes them; `to_egd`
 /// bytes go to the EGD server's pool (at most 16 KiB), from which clients
 /// are served. The control socket adds, from the outputs' own books,
@@ -110,8 +113,18 @@ pub fn accounting_json(st: &KeyStatus) -> Value {
         "to_egd": o.egd,
         "to_file": o.file,
         "unused": o.unused,
+        "withdrawn": o.withdrawn,
         "queued": o.queued(c.bytes_released),
     })
+}
+
+/// `{before}N withdrawn{after}` when an output dropped some of a key's
+/// bytes because its gate closed; nothing otherwise.
+fn withdrawn_note(v: &Value, before: &str, after: &str) -> String {
+    match v.as_u64().unwrap_or(0) {
+        0 => String::new(),
+        n => format!("{before}{} withdrawn{after}", human_bytes(n)),
+    }
 }
 
 /// The whole status document.
@@ -224,15 +237,21 @@ pub fn render(doc: &Value) -> String {
         let a = &k["accounting"];
         let _ = writeln!(
             out,
-            "  bytes        {} received = {} discarded + {} in the gate + {} to the kernel + {} to the EGD pool ({} served) + {} to the file + {} unused + {} queued",
+            "  bytes        {} received = {} discarded + {} in the gate + {} to the kernel{} + {} to the EGD pool ({} served{}) + {} to the file + {} unused + {}{} queued",
             human_bytes(a["received"].as_u64().unwrap_or(0)),
             human_bytes(a["discarded"].as_u64().unwrap_or(0)),
             human_bytes(a["in_gate"].as_u64().unwrap_or(0)),
             human_bytes(a["to_kernel"].as_u64().unwrap_or(0)),
+            withdrawn_note(&a["kernel_withdrawn"], " (", ")"),
             human_bytes(a["to_egd"].as_u64().unwrap_or(0)),
             human_bytes(a["egd_served"].as_u64().unwrap_or(0)),
+            withdrawn_note(&a["egd_withdrawn"], ", ", ""),
             human_bytes(a["to_file"].as_u64().unwrap_or(0)),
             human_bytes(a["unused"].as_u64().unwrap_or(0)),
+            match a["withdrawn"].as_u64().unwrap_or(0) {
+                0 => String::new(),
+                n => format!("{} withdrawn + ", human_bytes(n)),
+            },
             human_bytes(a["queued"].as_u64().unwrap_or(0)),
         );
         let _ = writeln!(

@@ -166,7 +166,12 @@ fn a_good_key_passes_the_gate_and_the_accounting_adds_up() {
     );
     assert_eq!(
         n(&a["released"]),
-        n(&a["to_file"]) + n(&a["to_kernel"]) + n(&a["to_egd"]) + n(&a["unused"]) + n(&a["queued"])
+        n(&a["to_file"])
+            + n(&a["to_kernel"])
+            + n(&a["to_egd"])
+            + n(&a["unused"])
+            + n(&a["withdrawn"])
+            + n(&a["queued"])
     );
     assert!(daemon.terminate());
     let written = std::fs::metadata(dir.path("out.bin")).unwrap().len();
@@ -249,4 +254,81 @@ fn test_command_fails_when_a_key_cannot_be_tested_and_refuses_bad_counts() {
         assert_eq!(out.status.code(), Some(2), "-n {bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--blocks"));
     }
+}
+
+#[test]
+fn bytes_released_before_a_gate_closes_are_withdrawn_from_the_egd_pool() {
+    use std::io::{Read, Write};
+    let dir = Scratch::new("gate-withdraw");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    let sock = dir.path("key.sock");
+    let good = Emulator::start(&["--unix", sock.to_str().unwrap(), "--rate", "100000"]);
+    // EGD with no client yet: its pool fills (16 KiB), and the file takes
+    // the rest, so the key is still read.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let out = dir.path("out.bin");
+    let daemon = Daemon::for_key(
+        &dir,
+        &sock,
+        &ring,
+        &["--egd-tcp", &addr, "--output", out.to_str().unwrap()],
+    );
+    let acct = |d: &Daemon| d.status()["keys"][0]["accounting"].clone();
+    assert!(wait_for(20, || acct(&daemon)["to_egd"]
+        .as_u64()
+        .unwrap_or(0)
+        >= 16 * 1024));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // The same key comes back overheating (370.0 K): its gate closes.
+    good.stop();
+    let _hot = Emulator::start(&[
+        "--unix",
+        sock.to_str().unwrap(),
+        "--rate",
+        "100000",
+        "--fault-temperature",
+        "3700",
+    ]);
+    assert!(
+        wait_for(20, || gate(&daemon)["open"] == false),
+        "{}",
+        daemon.status()
+    );
+
+    // A client asks for what the pool has (non-blocking read): nothing of
+    // what the key sent before the closing is served.
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    c.write_all(&[0x01, 255]).unwrap();
+    let mut count = [0u8; 1];
+    c.read_exact(&mut count).unwrap();
+    assert_eq!(count[0], 0, "served bytes released before the gate closed");
+
+    let a = acct(&daemon);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    assert!(n(&a["egd_withdrawn"]) >= 16 * 1024, "{a}");
+    assert_eq!(n(&a["egd_served"]), 0, "{a}");
+    // The books still add up, with the withdrawn bytes in them.
+    assert_eq!(
+        n(&a["released"]),
+        n(&a["to_file"])
+            + n(&a["to_kernel"])
+            + n(&a["to_egd"])
+            + n(&a["unused"])
+            + n(&a["withdrawn"])
+            + n(&a["queued"]),
+        "{a}"
+    );
+    let text = Command::new(ekey_host())
+        .args(["status", "--control"])
+        .arg(&daemon.control)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("withdrawn"), "{text}");
+    assert!(daemon.terminate());
 }

@@ -119,7 +119,7 @@ fn metrics_move_and_add_up() {
     let pending = value(&s, "ekey_key_bytes_pending", &[serial]);
     assert!(received > 0.0);
     assert_eq!(received, released + discarded + pending);
-    let per_output: f64 = ["kernel", "egd", "file", "unused"]
+    let per_output: f64 = ["kernel", "egd", "file", "unused", "withdrawn"]
         .iter()
         .map(|o| {
             value(
