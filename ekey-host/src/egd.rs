@@ -169,6 +169,12 @@ pub type GateCloses = Arc<dyn Fn(&Serial) -> u64 + Send + Sync>;
 /// for bytes to withdraw only then.
 pub static GATE_CLOSINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Whether any key's gate has closed in this process: until then no block
+/// can be withdrawn, and none is looked up.
+pub(crate) fn any_gate_closed() -> bool {
+    GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire) != 0
+}
+
 /// Removes from `bytes` (with their `runs`) every byte whose key `stale`
 /// names; returns what was removed, by key. The rest keeps its order.
 pub(crate) fn withdraw_from<B>(
@@ -511,7 +517,7 @@ impl Hub {
     fn take_in(&mut self, block: SourceBlock, closes: &GateCloses, stats: &Mutex<EgdStats>) {
         let (data, key, epoch) = block;
         self.withdraw_closed(closes, stats);
-        if epoch < closes(&key) {
+        if any_gate_closed() && epoch < closes(&key) {
             let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
             *stats.withdrawn_by_key.entry(key).or_default() += data.len() as u64;
             return;
