@@ -6,7 +6,9 @@ use ekey_proto::wire::deframe::Deframer;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&chunk, rest)) = data.split_first() else { return };
+    let Some((&chunk, rest)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(chunk).max(1);
     let mut d = Deframer::new();
     let mut frames = 0u64;
@@ -28,5 +30,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let s = d.stats();
     assert_eq!(s.frames, frames);
-    assert_eq!(s.frames * 64 + s.garbage_bytes + d.buffered() as u64, rest.len() as u64);
+    assert_eq!(
+        s.frames * 64 + s.garbage_bytes + d.buffered() as u64,
+        rest.len() as u64
+    );
 });

@@ -22,26 +22,7 @@ use ekey_proto::wire::info::{FailureMode, Temperature};
 use libfuzzer_sys::fuzz_target;
 use rand_core::TryRng;
 
-struct Xs(u64);
-impl TryRng for Xs {
-    type Error = Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok(self.try_next_u64()? as u32)
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        Ok(self.0)
-    }
-    fn try_fill_bytes(&mut self, d: &mut [u8]) -> Result<(), Infallible> {
-        for b in d {
-            *b = self.try_next_u64()? as u8;
-        }
-        Ok(())
-    }
-}
-impl rand_core::TryCryptoRng for Xs {}
+use ekey_fuzz::Xs;
 
 /// The key's noise: good, or one byte over and over.
 struct Noise {
@@ -104,11 +85,11 @@ impl embedded_io::Read for Link {
                         let Some(o) = e.dev.poll(&mut e.noise) else {
                             continue;
                         };
-                        if let Some(b) = o.entropy {
-                            if b.authentic {
-                                // A replayed frame is sent twice; its block counts once.
-                                e.authentic.push(b.data);
-                            }
+                        // A replayed frame is sent twice; its block counts once.
+                        if let Some(b) = o.entropy
+                            && b.authentic
+                        {
+                            e.authentic.push(b.data);
                         }
                         let mut bytes = o.bytes.to_vec();
                         let at = usize::from(arg) % bytes.len().max(1);
@@ -189,7 +170,7 @@ fuzz_target!(|data: &[u8]| {
         .with_gate(Gate::new(config));
     let mut out: Vec<u8> = Vec::new();
     for call in 0..2000usize {
-        let len = (usize::from(sizes) * (call + 1)) % 700 & !3;
+        let len = ((usize::from(sizes) * (call + 1)) % 700) & !3;
         let mut buf = vec![0u8; len];
         match rng.try_fill_bytes(&mut buf) {
             Ok(()) => out.extend_from_slice(&buf),

@@ -47,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
             let used = s.handle_input(now, input, &keyring, &mut rng);
             input = &input[used..];
             while let Some(ev) = s.poll_event() {
-                assert!(!matches!(ev, Event::Entropy { .. }), "released unverifiable bytes");
+                assert!(
+                    !matches!(ev, Event::Entropy { .. }),
+                    "released unverifiable bytes"
+                );
             }
         }
         let _ = s.poll_transmit();

@@ -7,8 +7,6 @@
 //! intact MAC, in order, never twice.
 #![no_main]
 
-use std::convert::Infallible;
-
 use ekey_proto::device::{Device, DeviceConfig};
 use ekey_proto::host::{Config, Event, Session};
 use ekey_proto::keys::{LongTermKey, Serial};
@@ -16,26 +14,7 @@ use ekey_proto::time::Instant;
 use ekey_proto::wire::info::FailureMode;
 use libfuzzer_sys::fuzz_target;
 
-struct Xs(u64);
-impl rand_core::TryRng for Xs {
-    type Error = Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok(self.try_next_u64()? as u32)
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        Ok(self.0)
-    }
-    fn try_fill_bytes(&mut self, d: &mut [u8]) -> Result<(), Infallible> {
-        for b in d {
-            *b = self.try_next_u64()? as u8;
-        }
-        Ok(())
-    }
-}
-impl rand_core::TryCryptoRng for Xs {}
+use ekey_fuzz::Xs;
 
 fuzz_target!(|ops: &[u8]| {
     let serial = Serial([3; 12]);
@@ -60,10 +39,10 @@ fuzz_target!(|ops: &[u8]| {
             0..=3 => {
                 // The key speaks, delivered whole or with one mutation.
                 if let Some(o) = dev.poll(&mut noise) {
-                    if let Some(b) = o.entropy {
-                        if b.authentic {
-                            authentic.push(b.data);
-                        }
+                    if let Some(b) = o.entropy
+                        && b.authentic
+                    {
+                        authentic.push(b.data);
                     }
                     bytes.extend_from_slice(&o.bytes);
                     let at = usize::from(arg) % bytes.len().max(1);
@@ -96,10 +75,9 @@ fuzz_target!(|ops: &[u8]| {
                 input = &input[n..];
                 while let Some(ev) = s.poll_event() {
                     if let Event::Entropy { data, .. } = ev {
-                        let pos = authentic[cursor..]
-                            .iter()
-                            .position(|b| *b == data)
-                            .expect("released a block the key did not send authentically, or out of order");
+                        let pos = authentic[cursor..].iter().position(|b| *b == data).expect(
+                            "released a block the key did not send authentically, or out of order",
+                        );
                         cursor += pos + 1;
                     }
                 }

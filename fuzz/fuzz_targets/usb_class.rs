@@ -19,7 +19,6 @@
 #![no_main]
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ekey_proto::device::{DeviceConfig, MAX_OUTPUT};
@@ -33,26 +32,7 @@ use usb_device::bus::{PollResult, UsbBus, UsbBusAllocator};
 use usb_device::endpoint::{EndpointAddress, EndpointType};
 use usb_device::{Result as UsbResult, UsbError};
 
-struct Xs(u64);
-impl rand_core::TryRng for Xs {
-    type Error = Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok(self.try_next_u64()? as u32)
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        Ok(self.0)
-    }
-    fn try_fill_bytes(&mut self, d: &mut [u8]) -> Result<(), Infallible> {
-        for b in d {
-            *b = self.try_next_u64()? as u8;
-        }
-        Ok(())
-    }
-}
-impl rand_core::TryCryptoRng for Xs {}
+use ekey_fuzz::Xs;
 
 // ---------------------------------------------------------------------------
 // The bus.
