@@ -572,7 +572,7 @@ type SharedStatuses = Arc<Mutex<Vec<SharedStatus>>>;
 
 /// How many times each key's health gate has closed, for the outputs (they
 /// withdraw bytes released before the latest closing).
-fn gate_closes(statuses: &SharedStatuses) -> egd::GateCloses {
+fn gate_closes(statuses: &SharedStatuses) -> driver::GateCloses {
     let statuses = statuses.clone();
     Arc::new(move |serial: &Serial| {
         let list = statuses.lock().unwrap_or_else(|p| p.into_inner());
@@ -1404,7 +1404,7 @@ impl Notifier {
 /// the Unix socket to remove at the end.
 async fn start_egd(
     o: &Outputs,
-    closes: egd::GateCloses,
+    closes: driver::GateCloses,
 ) -> Result<
     (
         Option<mpsc::Sender<egd::SourceBlock>>,
@@ -1461,7 +1461,7 @@ async fn start_egd(
 #[allow(clippy::type_complexity)]
 fn start_kernel(
     o: &Outputs,
-    closes: egd::GateCloses,
+    closes: driver::GateCloses,
 ) -> Result<
     (
         Option<mpsc::Sender<kernel::KeyBlock>>,

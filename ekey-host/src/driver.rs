@@ -15,6 +15,20 @@ use tokio::sync::mpsc;
 
 use crate::transport::Link;
 
+/// How many times a key's health gate has closed so far. A block released
+/// before the latest closing is withdrawn: never served.
+pub type GateCloses = Arc<dyn Fn(&Serial) -> u64 + Send + Sync>;
+
+/// Bumped whenever any key's health gate closes, so that the outputs look
+/// for bytes to withdraw only then.
+pub static GATE_CLOSINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether any key's gate has closed in this process: until then no block
+/// can be withdrawn, and none is looked up.
+pub(crate) fn any_gate_closed() -> bool {
+    GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire) != 0
+}
+
 /// One verified 32-byte block and the key it came from. Its bytes are
 /// wiped when it is dropped and never shown by `Debug`.
 #[derive(Clone)]
@@ -49,8 +63,11 @@ impl Block {
     /// Whether the key's health gate closed after this block was released
     /// (the block is then not to be used).
     pub fn withdrawn(&self) -> bool {
-        let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        st.gate.counters.times_closed > self.epoch
+        // Per block: no lock until some gate has closed at all.
+        any_gate_closed() && {
+            let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            st.gate.counters.times_closed > self.epoch
+        }
     }
 
     /// Books `bytes` of this block to an output in the key's ledger.
@@ -426,12 +443,12 @@ async fn until_released(signals: &Signals, status: &SharedStatus) {
 
 /// Shows the gate's new state in the key's status. If it closed, the
 /// outputs are told to withdraw the key's bytes released before
-/// ([`crate::egd::GATE_CLOSINGS`], after the status shows the closing).
+/// ([`GATE_CLOSINGS`], after the status shows the closing).
 fn set_gate(st: &mut KeyStatus, after: ekey_proto::health::GateStatus) {
     let closed = after.counters.times_closed > st.gate.counters.times_closed;
     st.gate = after;
     if closed {
-        crate::egd::GATE_CLOSINGS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        GATE_CLOSINGS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

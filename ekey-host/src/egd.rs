@@ -37,8 +37,8 @@
 //!   clients, and each client receives its bytes in source order.
 //! * **Withdrawal.** Each block comes with how many times its key's health
 //!   gate had closed when it was released. When a gate closes
-//!   ([`GATE_CLOSINGS`] moves), the hub drops that key's bytes from the
-//!   pool before it next grants any, and refuses blocks still on their
+//!   ([`GATE_CLOSINGS`] moves), the hub drops that key's bytes from
+//!   the pool before it next grants any, and refuses blocks still on their
 //!   way from before the closing ([`EgdStats::withdrawn_by_key`]).
 //! * **Per-client tasks.** Each connection runs in its own task with a reader
 //!   (parses commands into a bounded queue of
@@ -86,6 +86,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use ekey_proto::keys::Serial;
+
+use crate::driver::{GATE_CLOSINGS, GateCloses, any_gate_closed};
 
 /// Most bytes a waiting client is granted per round-robin turn.
 pub const CHUNK: usize = 32;
@@ -161,50 +163,7 @@ pub struct EgdStats {
 /// that key's health gate had closed when the block was released.
 pub type SourceBlock = ([u8; 32], Serial, u64);
 
-/// How many times a key's health gate has closed so far. A block released
-/// before the latest closing is withdrawn: never served.
-pub type GateCloses = Arc<dyn Fn(&Serial) -> u64 + Send + Sync>;
-
-/// Bumped whenever any key's health gate closes, so that the outputs look
-/// for bytes to withdraw only then.
-pub static GATE_CLOSINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Whether any key's gate has closed in this process: until then no block
-/// can be withdrawn, and none is looked up.
-pub(crate) fn any_gate_closed() -> bool {
-    GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire) != 0
-}
-
-/// Removes from `bytes` (with their `runs`) every byte whose key `stale`
-/// names; returns what was removed, by key. The rest keeps its order.
-pub(crate) fn withdraw_from<B>(
-    bytes: &mut B,
-    runs: &mut Runs,
-    stale: impl Fn(&Serial) -> bool,
-) -> Vec<(Serial, usize)>
-where
-    B: ByteQueue,
-{
-    if !runs.0.iter().any(|(k, _)| stale(k)) {
-        return Vec::new();
-    }
-    let mut removed = Vec::new();
-    let mut kept = Runs::default();
-    let mut at = 0;
-    for (key, n) in runs.0.drain(..) {
-        if stale(&key) {
-            bytes.remove_range(at, n);
-            removed.push((key, n));
-        } else {
-            at += n;
-            kept.push_back(key, n);
-        }
-    }
-    *runs = kept;
-    removed
-}
-
-/// A byte queue [`withdraw_from`] can cut runs out of.
+/// A byte queue [`Runs::withdraw`] can cut runs out of.
 pub(crate) trait ByteQueue {
     /// Removes `n` bytes from `at` on (wiping them where it can).
     fn remove_range(&mut self, at: usize, n: usize);
@@ -234,6 +193,33 @@ impl ByteQueue for Vec<u8> {
 pub(crate) struct Runs(VecDeque<(Serial, usize)>);
 
 impl Runs {
+    /// Removes from `bytes` (the queue these runs describe) every byte
+    /// whose key `stale` names; returns what was removed, by key. The rest
+    /// keeps its order.
+    pub(crate) fn withdraw(
+        &mut self,
+        bytes: &mut impl ByteQueue,
+        stale: impl Fn(&Serial) -> bool,
+    ) -> Vec<(Serial, usize)> {
+        if !self.0.iter().any(|(k, _)| stale(k)) {
+            return Vec::new();
+        }
+        let mut removed = Vec::new();
+        let mut kept = Runs::default();
+        let mut at = 0;
+        for (key, n) in self.0.drain(..) {
+            if stale(&key) {
+                bytes.remove_range(at, n);
+                removed.push((key, n));
+            } else {
+                at += n;
+                kept.push_back(key, n);
+            }
+        }
+        *self = kept;
+        removed
+    }
+
     pub(crate) fn push_back(&mut self, key: Serial, len: usize) {
         match self.0.back_mut() {
             Some((k, n)) if *k == key => *n += len,
@@ -501,7 +487,7 @@ impl Hub {
             return;
         }
         let epochs = &self.pool_epoch;
-        let removed = withdraw_from(&mut self.pool, &mut self.pool_keys, |k| {
+        let removed = self.pool_keys.withdraw(&mut self.pool, |k| {
             epochs.get(k).is_some_and(|&e| e < closes(k))
         });
         self.closings_seen = now;
@@ -1435,7 +1421,7 @@ mod tests {
         runs.push_back(a, 32);
         runs.push_back(b, 32);
         runs.push_back(a, 32);
-        let removed = withdraw_from(&mut q, &mut runs, |k| *k == a);
+        let removed = runs.withdraw(&mut q, |k| *k == a);
         assert_eq!(removed, vec![(a, 32), (a, 32)]);
         assert_eq!(q, (32..64u8).collect::<VecDeque<u8>>());
         assert_eq!(runs.take_front(100), vec![(b, 32)]);
@@ -1445,11 +1431,11 @@ mod tests {
         runs.push_back(b, 40);
         runs.push_back(a, 16);
         runs.push_back(b, 40);
-        let removed = withdraw_from(&mut v, &mut runs, |k| *k == a);
+        let removed = runs.withdraw(&mut v, |k| *k == a);
         assert_eq!(removed, vec![(a, 16)]);
         assert_eq!(v, (0..40u8).chain(56..96).collect::<Vec<u8>>());
         // Nothing of the key: nothing moves.
-        assert!(withdraw_from(&mut v, &mut runs, |k| *k == a).is_empty());
+        assert!(runs.withdraw(&mut v, |k| *k == a).is_empty());
         assert_eq!(v.len(), 80);
     }
 

@@ -39,7 +39,7 @@ use nix::libc;
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::egd::GateCloses;
+use crate::driver::GateCloses;
 
 /// Largest number of bytes passed to the kernel in one ioctl.
 pub const MAX_CHUNK: usize = 512;
@@ -379,10 +379,10 @@ pub async fn run(
 }
 
 /// The kernel output's side of withdrawing bytes whose key's gate closed
-/// after they were released (see [`crate::egd::GATE_CLOSINGS`]).
+/// after they were released (see [`crate::driver::GATE_CLOSINGS`]).
 #[derive(Default)]
 struct Withdrawals {
-    /// [`crate::egd::GATE_CLOSINGS`] at the last check.
+    /// [`crate::driver::GATE_CLOSINGS`] at the last check.
     closings_seen: u64,
     /// For each key with bytes waiting: its gate's closings when they were
     /// released.
@@ -401,7 +401,7 @@ impl Withdrawals {
     ) {
         let (data, key, epoch) = block;
         self.check(pending, keys, closes);
-        if crate::egd::any_gate_closed() && epoch < closes(&key) {
+        if crate::driver::any_gate_closed() && epoch < closes(&key) {
             *self.by_key.entry(key).or_default() += data.len() as u64;
             return;
         }
@@ -413,15 +413,13 @@ impl Withdrawals {
     /// After any gate closed: drops waiting bytes released before their
     /// key's gate last closed.
     fn check(&mut self, pending: &mut Vec<u8>, keys: &mut crate::egd::Runs, closes: &GateCloses) {
-        let now = crate::egd::GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire);
+        let now = crate::driver::GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire);
         if now == self.closings_seen {
             return;
         }
         self.closings_seen = now;
         let epochs = &self.epoch;
-        let removed = crate::egd::withdraw_from(pending, keys, |k| {
-            epochs.get(k).is_some_and(|&e| e < closes(k))
-        });
+        let removed = keys.withdraw(pending, |k| epochs.get(k).is_some_and(|&e| e < closes(k)));
         for (key, n) in removed {
             self.epoch.remove(&key);
             *self.by_key.entry(key).or_default() += n as u64;
@@ -790,7 +788,7 @@ mod tests {
         // Key A's gate closes. Its block released before (epoch 0) is
         // withdrawn; its block released after (epoch 1) is taken.
         a_closes.store(1, Ordering::SeqCst);
-        crate::egd::GATE_CLOSINGS.fetch_add(1, Ordering::SeqCst);
+        crate::driver::GATE_CLOSINGS.fetch_add(1, Ordering::SeqCst);
         tx.send(([3; 32], a, 0)).await.unwrap();
         tx.send(([4; 32], b, 0)).await.unwrap();
         tx.send(([5; 32], a, 1)).await.unwrap();
