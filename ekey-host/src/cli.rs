@@ -118,7 +118,7 @@ enum Command {
         #[command(flatten)]
         keys: KeySources,
         #[command(flatten)]
-        outputs: Outputs,
+        outputs: Box<Outputs>,
     },
     /// List the Entropy Keys on USB, and whether the keyring has their keys.
     List {
@@ -220,9 +220,31 @@ struct Outputs {
     /// drain the host); unlimited by default.
     #[arg(long, value_name = "BYTES/S")]
     egd_rate: Option<u32>,
-    /// Most EGD clients at once.
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    egd_max_clients: usize,
+    /// Most EGD clients at once. When all slots are taken, an idle
+    /// connection of the peer holding the most may be closed for a
+    /// newcomer holding fewer (QEMU: use `reconnect=`).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    egd_max_clients: u32,
+    /// Most EGD connections one peer may hold: one source address for
+    /// TCP, one user id for the Unix socket.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    egd_max_per_peer: u32,
+    /// Serve only TCP clients from this network (CIDR such as
+    /// 10.0.0.0/8, or one address); repeatable. Default: anyone who can
+    /// reach the port.
+    #[arg(long, value_name = "CIDR", value_parser = parse_allow_net)]
+    egd_allow: Vec<ipnet::IpNet>,
+    /// Serve only Unix-socket clients of this user id; repeatable.
+    #[arg(long, value_name = "UID")]
+    egd_allow_uid: Vec<u32>,
+    /// Serve only Unix-socket clients whose primary group is this gid;
+    /// repeatable.
+    #[arg(long, value_name = "GID")]
+    egd_allow_gid: Vec<u32>,
+    /// Share weight of one listener's clients under scarcity
+    /// (`tcp=W` or `unix=W`, W in 1..=1000, default 1 each); repeatable.
+    #[arg(long, value_name = "KIND=WEIGHT", value_parser = parse_share)]
+    egd_share: Vec<(String, u32)>,
     /// Feed the kernel's pool (RNDADDENTROPY on /dev/random, needs
     /// CAP_SYS_ADMIN), crediting this many bits per byte (0..8; 0 mixes
     /// the bytes in without credit).
@@ -377,7 +399,7 @@ pub fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run { keys, outputs } => run(keys, outputs, None).await,
+            Command::Run { keys, outputs } => run(keys, *outputs, None).await,
             Command::Status { json, control } => status_command(json, &control).await,
             Command::List { keyring } => list_command(&keyring).await,
             Command::Read {
@@ -1400,6 +1422,40 @@ impl Notifier {
     }
 }
 
+/// `--egd-allow`: a network in CIDR form, or one address.
+fn parse_allow_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("{s:?} is not a network (10.0.0.0/8, fd00::/8) or an address"))
+}
+
+/// `--egd-share`: `tcp=W` or `unix=W`.
+fn parse_share(s: &str) -> Result<(String, u32), String> {
+    let (kind, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected tcp=WEIGHT or unix=WEIGHT"))?;
+    let kind = kind.trim();
+    if kind != "tcp" && kind != "unix" {
+        return Err(format!("{kind:?}: the listener kinds are tcp and unix"));
+    }
+    let weight: u32 = weight
+        .trim()
+        .parse()
+        .ok()
+        .filter(|w| (1..=1000).contains(w))
+        .ok_or_else(|| {
+            format!(
+                "{:?}: a weight is a whole number from 1 to 1000",
+                weight.trim()
+            )
+        })?;
+    Ok((kind.to_string(), weight))
+}
+
 /// Starts the EGD server if asked for: its block queue, its statistics and
 /// the Unix socket to remove at the end.
 async fn start_egd(
@@ -1441,8 +1497,30 @@ async fn start_egd(
     if listeners.is_empty() {
         return Ok((None, None, None));
     }
+    if o.egd_unix.is_none() && !(o.egd_allow_uid.is_empty() && o.egd_allow_gid.is_empty()) {
+        warn!(
+            "--egd-allow-uid/--egd-allow-gid apply to --egd-unix clients only, and there is no --egd-unix"
+        );
+    }
+    if o.egd_tcp.is_none() && !o.egd_allow.is_empty() {
+        warn!("--egd-allow applies to --egd-tcp clients only, and there is no --egd-tcp");
+    }
+    let mut shares = egd::Shares::default();
+    for (kind, weight) in &o.egd_share {
+        match kind.as_str() {
+            "tcp" => shares.tcp = *weight,
+            _ => shares.unix = *weight,
+        }
+    }
     let config = egd::EgdConfig {
-        max_clients: o.egd_max_clients,
+        admission: egd::Admission {
+            max_clients: o.egd_max_clients as usize,
+            max_per_peer: o.egd_max_per_peer as usize,
+            allow_nets: o.egd_allow.clone(),
+            allow_uids: o.egd_allow_uid.clone(),
+            allow_gids: o.egd_allow_gid.clone(),
+        },
+        shares,
         rate_limit: o.egd_rate,
         ..egd::EgdConfig::default()
     };
@@ -2398,6 +2476,52 @@ mod tests {
         // The largest count allowed (mean 80): 126, as a log-space sum of
         // the same binomial terms in Python gives.
         assert_eq!(chance_failures(MAX_TEST_BLOCKS), 126);
+    }
+
+    #[test]
+    fn egd_admission_and_share_flags_parse_or_say_why_not() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["ekey-host", "run"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all) {
+                Ok(Cli {
+                    command: Command::Run { outputs, .. },
+                    ..
+                }) => Ok(outputs),
+                Ok(_) => Err("not run".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let o = parse(&[
+            "--egd-allow",
+            "10.1.2.3/8",
+            "--egd-allow",
+            "::1",
+            "--egd-allow-uid",
+            "64055",
+            "--egd-share",
+            "unix=4",
+            "--egd-max-per-peer",
+            "8",
+        ])
+        .unwrap();
+        let nets: Vec<String> = o.egd_allow.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "::1/128"]);
+        assert_eq!(o.egd_allow_uid, [64055]);
+        assert_eq!(o.egd_share, [("unix".to_string(), 4)]);
+        assert_eq!((o.egd_max_per_peer, o.egd_max_clients), (8, 64));
+        for (bad, why) in [
+            (&["--egd-allow", "10.0.0.0/33"][..], "not a network"),
+            (&["--egd-allow", "localhost"], "not a network"),
+            (&["--egd-share", "udp=2"], "tcp and unix"),
+            (&["--egd-share", "tcp=0"], "1 to 1000"),
+            (&["--egd-share", "tcp"], "tcp=WEIGHT"),
+            (&["--egd-max-per-peer", "0"], "0"),
+            (&["--egd-max-clients", "0"], "0"),
+        ] {
+            let err = parse(bad).map(|_| ()).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
     }
 
     #[test]

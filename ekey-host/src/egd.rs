@@ -7,7 +7,7 @@
 //!
 //! | command | arguments | reply |
 //! |---|---|---|
-//! | `0x00` entropy available | – | u32: bits in the pool (pool bytes × 8) |
+//! | `0x00` entropy available | – | u32: bits this client could take now (its credit plus the free pool bytes, × 8; see shares below) |
 //! | `0x01` read, non-blocking | u8 n | u8 count, then count bytes (what the pool has now, at most n) |
 //! | `0x02` read, blocking | u8 n | exactly n bytes, sent as they become available |
 //! | `0x03` add entropy | u16 shannons, u8 n, n bytes | none (the data is read and dropped) |
@@ -18,28 +18,63 @@
 //! the middle of a command). Replies go out strictly in request order, so
 //! QEMU's `rng-egd` (several `0x02 n` in flight, replies matched by byte
 //! count) gets exactly n bytes per request, in order. A client is never
-//! closed for being slow.
+//! closed for being slow; only an idle one may be closed, to make room for
+//! another peer (see Admission).
 //!
 //! # Design
 //!
 //! One [`serve`] future owns the listeners, the entropy source and a *hub*:
 //!
 //! * **Pool.** Bytes taken from `source` but not yet given to a client, in
-//!   source order. The hub takes a block from `source` only while the pool
-//!   holds fewer than [`EgdConfig::pool_bytes`] bytes, or while the pool is
-//!   empty and a client is waiting. When nobody wants bytes the daemon's
-//!   channel fills up and the keys are not read (backpressure).
+//!   source order. The hub takes blocks from `source` while the pool holds
+//!   fewer than [`EgdConfig::pool_bytes`] bytes, or while a client waits and
+//!   no pool byte is free for it (see shares). When nobody wants bytes the
+//!   daemon's channel fills up and the keys are not read (backpressure).
+//! * **Shares over time.** Under scarcity (a real key gives about 3.9 kB/s,
+//!   released by its health gate in 2,500-byte blocks about every 0.64 s),
+//!   the pool is divided by *credit accounts*, so that a client asking for
+//!   less than its fair share gets all it asks for, at once, and clients
+//!   asking for more split the rest (max-min fairness over time):
+//!   - A client is *active* while it has a request pending and for
+//!     [`ACTIVE_WINDOW`] (3 s) after its last request was read or answered.
+//!     Only active clients compete; a client that goes quiet for longer
+//!     loses its credit (it goes back to the free part of the pool).
+//!   - Bytes taken into the pool are credited to the active clients in
+//!     proportion to their *share* (the `--egd-share` weight of the
+//!     listener they came through, 1 by default). An account holds at most
+//!     one second of the client's share of the recent arrival rate
+//!     (exponentially weighted over [`RATE_TAU`], 2 s), and at least
+//!     [`MIN_CREDIT_CAP`] (512) bytes; but never more than its share of
+//!     half of [`EgdConfig::pool_bytes`], so the accounts together never
+//!     reserve more than half the pool, and a full pool always has free
+//!     bytes (plenty: nobody waits for credit). What a full account cannot take is shared
+//!     among the others (water-filling); what no account can take is
+//!     *free*.
+//!   - A client is granted bytes up to its credit plus the free bytes: a
+//!     modest client's requests are met from its own account (which refills
+//!     faster than it drains), and a greedy client takes what is free the
+//!     moment it is free. So with plenty of entropy (the pool full, accounts
+//!     full) everybody is served at once, as before.
+//!   - Credit is a count, not particular bytes: every grant still takes the
+//!     oldest pool bytes, so each byte is moved out of the pool exactly once
+//!     and each client receives its bytes in source order.
+//!   - A newly connected client has no credit. Its first request can take
+//!     free bytes at once; otherwise it waits for the next bytes to arrive,
+//!     of which it is credited its share (under a second at a real key's
+//!     rate, usually one gate block).
 //! * **Round robin.** A client blocked in `0x02` registers how many bytes its
 //!   current request still needs (its *want*, at most 255). The hub walks the
-//!   waiting clients in turn and grants each at most [`CHUNK`] bytes per turn
-//!   from the front of the pool, so no client can starve the others. Every
-//!   byte is moved out of the pool exactly once: it is never given to two
-//!   clients, and each client receives its bytes in source order.
+//!   waiting clients in turn and grants each a turn of [`CHUNK`] bytes (or
+//!   the rest of its want, if less) once its credit plus the free bytes
+//!   cover the whole turn, paid from its credit first. So no client can
+//!   starve the others of what is free, and bytes go out in whole turns,
+//!   not in slivers of credit.
 //! * **Withdrawal.** Each block comes with how many times its key's health
 //!   gate had closed when it was released. When a gate closes
 //!   ([`GATE_CLOSINGS`] moves), the hub drops that key's bytes from
 //!   the pool before it next grants any, and refuses blocks still on their
-//!   way from before the closing ([`EgdStats::withdrawn_by_key`]).
+//!   way from before the closing ([`EgdStats::withdrawn_by_key`]); the
+//!   credit accounts shrink with the pool.
 //! * **Per-client tasks.** Each connection runs in its own task with a reader
 //!   (parses commands into a bounded queue of
 //!   `max(1, buffer_per_client / 256)` requests — a client pipelining more is
@@ -58,12 +93,44 @@
 //!   bucket (refilled at `rate` bytes/s, holding at most one second's worth
 //!   or 512 bytes, whichever is more; it starts full). Blocked reads wait for
 //!   tokens; non-blocking reads return at most the tokens available.
-//! * **Client limit.** Connections beyond [`EgdConfig::max_clients`] are
-//!   accepted and closed at once (counted in [`EgdStats::rejected_clients`]).
 //!
-//! Not handled here: half-open TCP peers (no FIN ever arrives) keep their slot
-//! until the kernel gives up on the connection; they reserve at most 255 bytes
-//! and never block anyone else.
+//! # Admission
+//!
+//! A *peer* is the source address of a TCP client (IPv4-mapped IPv6
+//! addresses count as IPv4), and for a TCP client on this host (loopback,
+//! or one of this host's addresses) also the user owning its socket, found
+//! in `/proc/net/tcp{,6}` as identd does (Linux; so QEMU running as its own
+//! user and a local user who floods 127.0.0.1 are different peers); and the
+//! user id of a Unix-socket client (`SO_PEERCRED`). On each new connection,
+//! in this order:
+//!
+//! 1. **Allow-lists.** With [`Admission::allow_nets`] (`--egd-allow CIDR`),
+//!    only TCP peers inside one of the networks are served; with
+//!    [`Admission::allow_uids`] / [`Admission::allow_gids`]
+//!    (`--egd-allow-uid`, `--egd-allow-gid`), only Unix peers whose uid, or
+//!    whose group at connect time (the primary group `SO_PEERCRED` reports;
+//!    supplementary groups are not seen), is listed. Anyone else is closed
+//!    before a byte is read or sent ([`EgdStats::refused_not_allowed`]).
+//! 2. **Per-peer cap.** A peer holding [`Admission::max_per_peer`]
+//!    connections (32 by default) has its new one closed at once
+//!    ([`EgdStats::refused_peer_cap`]); nobody else's connection is touched.
+//! 3. **Slots.** Below [`Admission::max_clients`] (64) connections, the
+//!    client is admitted. When every slot is taken, the hub *reclaims* one:
+//!    of the peers holding at least two connections more than the
+//!    newcomer's peer (so that peer still holds more afterwards), the one
+//!    holding the most gives up its longest-idle connection that has no
+//!    request pending and nothing granted ([`EgdStats::reclaimed_slots`]).
+//!    If there is none, the newcomer is closed
+//!    ([`EgdStats::rejected_clients`]). So however many connections one
+//!    local user opens, a peer holding fewer can always get in, and a peer
+//!    can never push out connections of a peer that holds fewer than it
+//!    does. A reclaimed connection is one that sat idle; QEMU's socket
+//!    chardev reconnects with `reconnect=SECONDS` (libvirt: `<reconnect
+//!    enabled='yes' timeout='N'/>`), which is why reclaiming is safe for it.
+//!
+//! Half-open TCP peers (no FIN ever arrives) keep their slot until the kernel
+//! gives up on the connection or it is reclaimed; they reserve at most 255
+//! bytes and never block anyone else.
 //!
 //! [`serve`] returns when the source channel is closed (noticed the next time
 //! the hub wants a block); the daemon can also just drop the future. Either
@@ -72,6 +139,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,11 +160,24 @@ use crate::driver::{GATE_CLOSINGS, GateCloses, any_gate_closed};
 /// Most bytes a waiting client is granted per round-robin turn.
 pub const CHUNK: usize = 32;
 
+/// How long after its last request a client still counts as active (a
+/// competitor for credit).
+pub const ACTIVE_WINDOW: Duration = Duration::from_secs(3);
+
+/// Time constant of the arrival-rate estimate that sizes credit accounts.
+pub const RATE_TAU: Duration = Duration::from_secs(2);
+
+/// Smallest credit cap, bytes (unless the pool's share is smaller).
+pub const MIN_CREDIT_CAP: usize = 512;
+
+/// Credit is kept in 1/1024 bytes, so shares of a 32-byte block add up.
+const SCALE: u64 = 1024;
+
 /// Settings of the EGD server.
 #[derive(Clone, Debug)]
 pub struct EgdConfig {
-    /// Most clients connected at once; more are accepted and closed.
-    pub max_clients: usize,
+    /// Who may connect, and how many.
+    pub admission: Admission,
     /// Bytes per second per client (token bucket; burst is one second's
     /// worth, at least 512 bytes). `None` or `Some(0)`: unlimited.
     pub rate_limit: Option<u32>,
@@ -105,15 +186,18 @@ pub struct EgdConfig {
     pub buffer_per_client: usize,
     /// Verified bytes kept ready in the pool.
     pub pool_bytes: usize,
+    /// Share weights of the clients of each kind of listener.
+    pub shares: Shares,
 }
 
 impl Default for EgdConfig {
     fn default() -> Self {
         Self {
-            max_clients: 64,
+            admission: Admission::default(),
             rate_limit: None,
             buffer_per_client: 4096,
             pool_bytes: 16 * 1024,
+            shares: Shares::default(),
         }
     }
 }
@@ -124,6 +208,162 @@ impl EgdConfig {
     }
 }
 
+/// Who may connect, and how many connections each peer may hold (see the
+/// module docs, "Admission").
+#[derive(Clone, Debug)]
+pub struct Admission {
+    /// Most clients connected at once.
+    pub max_clients: usize,
+    /// Most connections one peer (TCP: source address; Unix: uid) holds.
+    pub max_per_peer: usize,
+    /// TCP peers allowed; empty: all.
+    pub allow_nets: Vec<ipnet::IpNet>,
+    /// Unix peers allowed by uid; with `allow_gids`, empty: all.
+    pub allow_uids: Vec<u32>,
+    /// Unix peers allowed by (primary) gid.
+    pub allow_gids: Vec<u32>,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            max_clients: 64,
+            max_per_peer: 32,
+            allow_nets: Vec::new(),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+        }
+    }
+}
+
+impl Admission {
+    /// Whether the allow-lists let `peer` in.
+    fn allows(&self, peer: &PeerInfo) -> bool {
+        match peer.id {
+            PeerId::Ip(ip) | PeerId::Local(ip, _) => {
+                self.allow_nets.is_empty() || self.allow_nets.iter().any(|n| n.contains(&ip))
+            }
+            PeerId::Uid(uid) => {
+                (self.allow_uids.is_empty() && self.allow_gids.is_empty())
+                    || self.allow_uids.contains(&uid)
+                    || peer.gid.is_some_and(|g| self.allow_gids.contains(&g))
+            }
+            PeerId::Unknown => self.allow_uids.is_empty() && self.allow_gids.is_empty(),
+        }
+    }
+}
+
+/// Share weights (`--egd-share KIND=WEIGHT`): under scarcity a client gets
+/// entropy in proportion to its listener's weight.
+#[derive(Clone, Copy, Debug)]
+pub struct Shares {
+    /// Clients of the TCP listener.
+    pub tcp: u32,
+    /// Clients of the Unix-socket listener.
+    pub unix: u32,
+}
+
+impl Default for Shares {
+    fn default() -> Self {
+        Self { tcp: 1, unix: 1 }
+    }
+}
+
+/// Who a connection comes from, for per-peer caps and reclaiming.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum PeerId {
+    /// A TCP client's source address.
+    Ip(IpAddr),
+    /// A TCP client on this host: its source address and the user owning
+    /// its socket.
+    Local(IpAddr, u32),
+    /// A Unix-socket client's user.
+    Uid(u32),
+    /// A Unix-socket client whose credentials could not be read.
+    Unknown,
+}
+
+/// What the server knows of a new connection.
+#[derive(Clone, Debug)]
+struct PeerInfo {
+    id: PeerId,
+    /// `tcp ADDR:PORT` or `unix pid P uid U`.
+    label: String,
+    /// `tcp` or `unix`.
+    listener: &'static str,
+    gid: Option<u32>,
+    share: u32,
+}
+
+/// Request wait times (read to reply written), as a log-scale histogram:
+/// four buckets per doubling from 1 µs, so a quantile is within 19 %.
+#[derive(Clone, Debug)]
+pub struct Waits {
+    buckets: [u32; WAIT_BUCKETS],
+    count: u64,
+}
+
+const WAIT_BUCKETS: usize = 4 * 36;
+
+impl Default for Waits {
+    fn default() -> Self {
+        Self {
+            buckets: [0; WAIT_BUCKETS],
+            count: 0,
+        }
+    }
+}
+
+impl Waits {
+    fn bucket(micros: u64) -> usize {
+        if micros < 4 {
+            return micros as usize;
+        }
+        let octave = 63 - u64::from(micros.leading_zeros());
+        let sub = (micros >> (octave - 2)) & 3;
+        ((octave as usize) * 4 + sub as usize).min(WAIT_BUCKETS - 1)
+    }
+
+    /// The upper bound of bucket `i`, µs.
+    fn upper(i: usize) -> u64 {
+        // Buckets 4..8 stay empty (4 µs and up start at bucket 8).
+        if i < 8 {
+            return i as u64 + 1;
+        }
+        let (octave, sub) = ((i / 4) as u32, (i % 4) as u64);
+        (4 + sub + 1) << (octave - 2)
+    }
+
+    /// Records one wait.
+    pub fn record(&mut self, wait: Duration) {
+        let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        self.buckets[Self::bucket(micros)] += 1;
+        self.count += 1;
+    }
+
+    /// Requests recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The `q` quantile (0..=1), rounded up to its bucket's bound; `None`
+    /// before any request.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((self.count as f64 * q).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0u64;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            seen += u64::from(n);
+            if seen >= rank {
+                return Some(Duration::from_micros(Self::upper(i)));
+            }
+        }
+        None
+    }
+}
+
 /// One connected client, for `ekey-host status`.
 #[derive(Clone, Debug)]
 pub struct ClientStats {
@@ -131,12 +371,24 @@ pub struct ClientStats {
     pub id: u64,
     /// `tcp ADDR:PORT` or `unix pid P uid U`.
     pub peer: String,
+    /// `tcp` or `unix`.
+    pub listener: &'static str,
+    /// The TCP client's address.
+    pub ip: Option<IpAddr>,
+    /// The Unix-socket client's user.
+    pub uid: Option<u32>,
+    /// Its share weight.
+    pub share: u32,
     /// Entropy bytes written to this client.
     pub bytes_served: u64,
     /// Requests read but not yet fully answered.
     pub requests_pending: usize,
+    /// How long its requests waited, read to reply written.
+    pub waits: Waits,
     /// When it connected.
     pub connected_since: SystemTime,
+    /// When it last sent a request or was last answered.
+    pub last_active: SystemTime,
 }
 
 /// Counters of the EGD server, for `ekey-host status`.
@@ -146,12 +398,24 @@ pub struct EgdStats {
     pub clients: Vec<ClientStats>,
     /// Entropy bytes written to all clients.
     pub total_served: u64,
-    /// Clients accepted (not counting rejected ones).
+    /// Clients accepted (not counting refused ones).
     pub total_clients: u64,
-    /// Connections closed at once because `max_clients` were connected.
+    /// Connections closed at once because every slot was taken and none
+    /// could be reclaimed.
     pub rejected_clients: u64,
+    /// Connections closed at once because the allow-lists do not name the
+    /// peer.
+    pub refused_not_allowed: u64,
+    /// Connections closed at once because their peer held its cap.
+    pub refused_peer_cap: u64,
+    /// Idle connections closed to make room for another peer.
+    pub reclaimed_slots: u64,
     /// Clients closed for an unknown command or a truncated request.
     pub closed_for_protocol_errors: u64,
+    /// Bytes in the pool now (taken from the keys, not yet granted).
+    pub pool_bytes: usize,
+    /// Of those, bytes held as the clients' credit.
+    pub reserved_bytes: usize,
     /// Entropy bytes written to clients, by the key they came from.
     pub served_by_key: BTreeMap<Serial, u64>,
     /// Bytes withdrawn from the pool (or refused on the way in) because
@@ -266,19 +530,36 @@ impl EgdStats {
     /// The counters as JSON.
     pub fn to_json(&self) -> Value {
         let now = SystemTime::now();
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
         json!({
             "clients": self.clients.iter().map(|c| json!({
+                "id": c.id,
                 "peer": c.peer,
+                "listener": c.listener,
+                "ip": c.ip.map(|ip| ip.to_string()),
+                "uid": c.uid,
+                "share": c.share,
                 "bytes_served": c.bytes_served,
                 "requests_pending": c.requests_pending,
+                "requests_answered": c.waits.count(),
+                "wait_p50_ms": ms(c.waits.quantile(0.50)),
+                "wait_p99_ms": ms(c.waits.quantile(0.99)),
                 "connected_seconds": now
                     .duration_since(c.connected_since)
                     .map_or(0, |d| d.as_secs()),
+                "idle_seconds": now
+                    .duration_since(c.last_active)
+                    .map_or(0.0, |d| d.as_secs_f64()),
             })).collect::<Vec<_>>(),
             "total_served": self.total_served,
             "total_clients": self.total_clients,
             "rejected_clients": self.rejected_clients,
+            "refused_not_allowed": self.refused_not_allowed,
+            "refused_peer_cap": self.refused_peer_cap,
+            "reclaimed_slots": self.reclaimed_slots,
             "closed_for_protocol_errors": self.closed_for_protocol_errors,
+            "pool_bytes": self.pool_bytes,
+            "reserved_bytes": self.reserved_bytes,
             "served_by_key": self.served_by_key.iter()
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect::<serde_json::Map<String, Value>>(),
@@ -299,30 +580,106 @@ pub enum EgdListener {
     Unix(UnixListener),
 }
 
-enum Conn {
-    Tcp(TcpStream, String),
-    Unix(UnixStream, String),
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
 }
 
 impl EgdListener {
-    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<Conn>> {
+    fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        shares: Shares,
+    ) -> Poll<io::Result<(Stream, PeerInfo)>> {
         match self {
             Self::Tcp(l) => l.poll_accept(cx).map_ok(|(s, a)| {
                 let _ = s.set_nodelay(true);
-                Conn::Tcp(s, format!("tcp {a}"))
+                let ip = a.ip().to_canonical();
+                let uid = s.local_addr().ok().and_then(|me| local_peer_uid(a, me));
+                let peer = PeerInfo {
+                    id: uid.map_or(PeerId::Ip(ip), |uid| PeerId::Local(ip, uid)),
+                    label: match uid {
+                        Some(uid) => format!("tcp {a} uid {uid}"),
+                        None => format!("tcp {a}"),
+                    },
+                    listener: "tcp",
+                    gid: None,
+                    share: shares.tcp,
+                };
+                (Stream::Tcp(s), peer)
             }),
             Self::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| {
-                let peer = match s.peer_cred() {
-                    Ok(c) => match c.pid() {
+                let cred = s.peer_cred().ok();
+                let label = match &cred {
+                    Some(c) => match c.pid() {
                         Some(pid) => format!("unix pid {pid} uid {}", c.uid()),
                         None => format!("unix uid {}", c.uid()),
                     },
-                    Err(_) => "unix".to_string(),
+                    None => "unix".to_string(),
                 };
-                Conn::Unix(s, peer)
+                let peer = PeerInfo {
+                    id: cred.map_or(PeerId::Unknown, |c| PeerId::Uid(c.uid())),
+                    label,
+                    listener: "unix",
+                    gid: cred.map(|c| c.gid()),
+                    share: shares.unix,
+                };
+                (Stream::Unix(s), peer)
             }),
         }
     }
+}
+
+/// The user owning the other end of a TCP connection from this host, as
+/// identd would find it: the socket whose local address is `peer` and whose
+/// remote address is `me`, in `/proc/net/tcp` or `/proc/net/tcp6`. `None`
+/// for peers on other hosts, off Linux, or if the client has gone already.
+fn local_peer_uid(peer: SocketAddr, me: SocketAddr) -> Option<u32> {
+    let (peer_ip, me_ip) = (peer.ip().to_canonical(), me.ip().to_canonical());
+    if !(peer_ip.is_loopback() || peer_ip == me_ip) || !cfg!(target_os = "linux") {
+        return None;
+    }
+    let peer = SocketAddr::new(peer_ip, peer.port());
+    let me = SocketAddr::new(me_ip, me.port());
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines()
+                .skip(1)
+                .filter_map(parse_tcp_table_line)
+                .find(|&(local, remote, _)| local == peer && remote == me)
+                .map(|(_, _, uid)| uid)
+        })
+}
+
+/// One line of `/proc/net/tcp{,6}`: (local address, remote address, uid),
+/// addresses canonical (IPv4-mapped IPv6 as IPv4).
+fn parse_tcp_table_line(line: &str) -> Option<(SocketAddr, SocketAddr, u32)> {
+    fn addr(field: &str) -> Option<SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        // The kernel prints the address as 32-bit words in host order.
+        let word = |i: usize| -> Option<[u8; 4]> {
+            let hex = ip.get(i * 8..i * 8 + 8)?;
+            Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+        };
+        let ip: IpAddr = match ip.len() {
+            8 => std::net::Ipv4Addr::from(word(0)?).into(),
+            32 => {
+                let mut b = [0u8; 16];
+                for (i, chunk) in b.chunks_mut(4).enumerate() {
+                    chunk.copy_from_slice(&word(i)?);
+                }
+                std::net::Ipv6Addr::from(b).into()
+            }
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip.to_canonical(), port))
+    }
+    // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+    let f: Vec<&str> = line.split_whitespace().collect();
+    Some((addr(f.get(1)?)?, addr(f.get(2)?)?, f.get(7)?.parse().ok()?))
 }
 
 /// Binds a TCP listener. `"8888"` and `":8888"` mean `127.0.0.1:8888`;
@@ -396,6 +753,7 @@ pub async fn serve(
         hub_wake: Notify::new(),
         stats,
         closes,
+        last_refusal_warning: Mutex::new(None),
     });
     tokio::select! {
         () = run_hub(&ctx, &mut source) => Ok(()),
@@ -411,6 +769,9 @@ struct Ctx {
     hub_wake: Notify,
     stats: Arc<Mutex<EgdStats>>,
     closes: GateCloses,
+    /// When a refused connection was last logged at `warn` (refusals come
+    /// in floods; the rest go to `debug`).
+    last_refusal_warning: Mutex<Option<Instant>>,
 }
 
 impl Ctx {
@@ -428,6 +789,56 @@ impl Ctx {
             _ => None,
         }
     }
+
+    /// Counts and logs a refused connection.
+    fn refused(&self, peer: &PeerInfo, why: Refusal) {
+        let total = {
+            let mut stats = self.stats();
+            let counter = match why {
+                Refusal::NotAllowed => &mut stats.refused_not_allowed,
+                Refusal::PeerCap => &mut stats.refused_peer_cap,
+                Refusal::Full => &mut stats.rejected_clients,
+            };
+            *counter += 1;
+            *counter
+        };
+        let now = Instant::now();
+        let mut last = self
+            .last_refusal_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
+            *last = Some(now);
+            tracing::warn!(
+                "EGD: refused {}: {} ({total} so far)",
+                peer.label,
+                why.text()
+            );
+        } else {
+            tracing::debug!("EGD: refused {}: {}", peer.label, why.text());
+        }
+    }
+}
+
+/// Why a new connection was closed at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The allow-lists do not name the peer.
+    NotAllowed,
+    /// The peer holds its cap of connections.
+    PeerCap,
+    /// Every slot is taken and none may be reclaimed.
+    Full,
+}
+
+impl Refusal {
+    fn text(self) -> &'static str {
+        match self {
+            Self::NotAllowed => "not in the allow-lists",
+            Self::PeerCap => "this peer holds its cap of connections (--egd-max-per-peer)",
+            Self::Full => "every client slot is taken (--egd-max-clients)",
+        }
+    }
 }
 
 #[derive(Default)]
@@ -439,8 +850,16 @@ struct Hub {
     slots: HashMap<u64, Slot>,
     /// Clients with `want > 0`, in round-robin order.
     waiters: VecDeque<u64>,
-    active: usize,
     next_id: u64,
+    /// Sum of the slots' credit (in 1/[`SCALE`] bytes); never more than the
+    /// pool holds, so `pool.len() * SCALE - claimed` is the free part.
+    claimed: u64,
+    /// Connections held by each peer.
+    peers: HashMap<PeerId, usize>,
+    /// Arrival rate estimate, bytes/s (see [`RATE_TAU`]), and when it was
+    /// last updated.
+    rate: f64,
+    rate_at: Option<Instant>,
     /// [`GATE_CLOSINGS`] when the pool was last checked for bytes to
     /// withdraw.
     closings_seen: u64,
@@ -451,29 +870,262 @@ struct Hub {
 }
 
 struct Slot {
+    peer: PeerId,
+    share: u32,
     /// Bytes the current blocking request still needs granted.
     want: usize,
     /// Granted, not yet written to the socket.
     granted: VecDeque<u8>,
     /// The keys the granted bytes came from.
     granted_keys: Runs,
+    /// Pool bytes reserved for this client, in 1/[`SCALE`] bytes.
+    credit: u64,
+    /// Requests read and not yet answered.
+    pending: usize,
+    /// When it last sent a request or was last answered.
+    last_active: Instant,
     wake: Arc<Notify>,
+    /// Tells the client's task to close (its slot was reclaimed).
+    close: Arc<Notify>,
     bucket: Option<TokenBucket>,
 }
 
+impl Slot {
+    fn new(peer: PeerId, share: u32, bucket: Option<TokenBucket>, now: Instant) -> Self {
+        Self {
+            peer,
+            share: share.max(1),
+            want: 0,
+            granted: VecDeque::new(),
+            granted_keys: Runs::default(),
+            credit: 0,
+            pending: 0,
+            last_active: now,
+            wake: Arc::new(Notify::new()),
+            close: Arc::new(Notify::new()),
+            bucket,
+        }
+    }
+
+    /// Whether it competes for credit.
+    fn active(&self, now: Instant) -> bool {
+        self.want > 0 || self.pending > 0 || now.duration_since(self.last_active) < ACTIVE_WINDOW
+    }
+
+    /// Whether closing it loses nothing: no request pending, nothing
+    /// granted.
+    fn idle(&self) -> bool {
+        self.pending == 0 && self.want == 0 && self.granted.is_empty()
+    }
+}
+
 impl Hub {
-    /// Forgets a client; bytes granted to it but not written go back to the
-    /// front of the pool.
-    fn remove(&mut self, id: u64) {
+    /// Pool bytes nobody holds credit for, in 1/[`SCALE`] bytes.
+    fn free(&self) -> u64 {
+        (self.pool.len() as u64 * SCALE).saturating_sub(self.claimed)
+    }
+
+    /// Bytes client `slot` may be granted now: its credit plus the free
+    /// bytes (no more than the pool holds).
+    fn allowance(&self, slot: &Slot) -> usize {
+        let bytes = (slot.credit + self.free()) / SCALE;
+        usize::try_from(bytes)
+            .unwrap_or(usize::MAX)
+            .min(self.pool.len())
+    }
+
+    /// Moves the oldest `n` pool bytes to client `id`, paying from its
+    /// credit first (the caller checked [`Hub::allowance`]).
+    fn grant(&mut self, id: u64, n: usize) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let n = n.min(self.pool.len());
+        let paid = slot.credit.min(n as u64 * SCALE);
+        slot.credit -= paid;
+        self.claimed -= paid;
+        slot.granted.extend(self.pool.drain(..n));
+        slot.granted_keys.extend_back(self.pool_keys.take_front(n));
+        // Taking free bytes may leave the accounts holding more than the
+        // pool; it cannot, as `n` ≤ credit + free, but stay safe.
+        self.fit_credit();
+    }
+
+    /// Admits a new client from `peer`, reclaiming an idle slot if every
+    /// slot is taken (see the module docs, "Admission"). Returns its id,
+    /// and the connection reclaimed for it, if any.
+    fn admit(
+        &mut self,
+        admission: &Admission,
+        peer: &PeerInfo,
+        bucket: Option<TokenBucket>,
+        now: Instant,
+    ) -> Result<(u64, Option<u64>), Refusal> {
+        if !admission.allows(peer) {
+            return Err(Refusal::NotAllowed);
+        }
+        let held = self.peers.get(&peer.id).copied().unwrap_or(0);
+        if held >= admission.max_per_peer {
+            return Err(Refusal::PeerCap);
+        }
+        let mut reclaimed = None;
+        if self.slots.len() >= admission.max_clients {
+            let victim = self
+                .slots
+                .iter()
+                .filter(|(_, s)| s.idle())
+                .map(|(&id, s)| (self.peers.get(&s.peer).copied().unwrap_or(0), s, id))
+                .filter(|&(count, _, _)| count >= held + 2)
+                .max_by_key(|&(count, s, id)| {
+                    (
+                        count,
+                        now.duration_since(s.last_active),
+                        std::cmp::Reverse(id),
+                    )
+                })
+                .map(|(_, _, id)| id);
+            let Some(victim) = victim else {
+                return Err(Refusal::Full);
+            };
+            if let Some(slot) = self.slots.get(&victim) {
+                slot.close.notify_one();
+            }
+            self.remove(victim);
+            reclaimed = Some(victim);
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        self.slots
+            .insert(id, Slot::new(peer.id, peer.share, bucket, now));
+        *self.peers.entry(peer.id).or_default() += 1;
+        Ok((id, reclaimed))
+    }
+
+    /// Forgets a client (once; returns whether it was there). Its credit
+    /// becomes free, and bytes granted to it but not written go back to
+    /// the front of the pool.
+    fn remove(&mut self, id: u64) -> bool {
+        let Some(slot) = self.slots.remove(&id) else {
+            return false;
+        };
         self.waiters.retain(|&w| w != id);
-        if let Some(mut slot) = self.slots.remove(&id) {
-            let len = slot.granted.len();
-            self.pool_keys
-                .extend_front(slot.granted_keys.take_front(len));
-            for b in slot.granted.into_iter().rev() {
-                self.pool.push_front(b);
+        self.claimed -= slot.credit;
+        if let Some(n) = self.peers.get_mut(&slot.peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.peers.remove(&slot.peer);
             }
         }
+        let Slot {
+            granted,
+            mut granted_keys,
+            ..
+        } = slot;
+        self.pool_keys
+            .extend_front(granted_keys.take_front(granted.len()));
+        for b in granted.into_iter().rev() {
+            self.pool.push_front(b);
+        }
+        true
+    }
+
+    /// Shrinks every account in proportion if together they claim more
+    /// than the pool holds (after a withdrawal).
+    fn fit_credit(&mut self) {
+        let have = self.pool.len() as u64 * SCALE;
+        if self.claimed <= have {
+            return;
+        }
+        let (have, claimed) = (u128::from(have), u128::from(self.claimed));
+        let mut sum = 0;
+        for slot in self.slots.values_mut() {
+            // ≤ credit, since have < claimed.
+            slot.credit = (u128::from(slot.credit) * have / claimed) as u64;
+            sum += slot.credit;
+        }
+        self.claimed = sum;
+    }
+
+    /// Divides `bytes` just taken into the pool among the active clients'
+    /// accounts (see the module docs, "Shares over time").
+    fn credit(&mut self, bytes: usize, now: Instant, pool_bytes: usize) {
+        let tau = RATE_TAU.as_secs_f64();
+        let dt = self
+            .rate_at
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.rate = self.rate * (-dt / tau).exp() + bytes as f64 / tau;
+        self.rate_at = Some(now);
+
+        // Only active clients compete; the others' credit goes free.
+        let mut weight = 0u64;
+        for slot in self.slots.values_mut() {
+            if slot.active(now) {
+                weight += u64::from(slot.share);
+            } else {
+                self.claimed -= slot.credit;
+                slot.credit = 0;
+            }
+        }
+        if weight == 0 {
+            return;
+        }
+        let cap = |share: u32| -> u64 {
+            let part = f64::from(share) / weight as f64;
+            let bytes = (self.rate * part).max(MIN_CREDIT_CAP as f64);
+            let bytes = bytes.min(pool_bytes as f64 / 2.0 * part);
+            (bytes * SCALE as f64) as u64
+        };
+        let caps: Vec<(u64, u64)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.active(now))
+            .map(|(&id, s)| (id, cap(s.share)))
+            .collect();
+        // Water-filling: what a full account cannot take goes to the others.
+        let mut left = bytes as u64 * SCALE;
+        let mut open: Vec<(u64, u64)> = Vec::with_capacity(caps.len());
+        for &(id, cap) in &caps {
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            if slot.credit > cap {
+                self.claimed -= slot.credit - cap;
+                slot.credit = cap;
+            }
+            if slot.credit < cap {
+                open.push((id, cap));
+            }
+        }
+        for _round in 0..8 {
+            if left == 0 || open.is_empty() {
+                break;
+            }
+            let open_weight: u64 = open
+                .iter()
+                .filter_map(|(id, _)| self.slots.get(id))
+                .map(|s| u64::from(s.share))
+                .sum();
+            if open_weight == 0 {
+                break;
+            }
+            let offer = left;
+            let mut still_open = Vec::with_capacity(open.len());
+            for &(id, cap) in &open {
+                let Some(slot) = self.slots.get_mut(&id) else {
+                    continue;
+                };
+                let part = offer * u64::from(slot.share) / open_weight;
+                let take = part.min(cap - slot.credit).min(left);
+                slot.credit += take;
+                self.claimed += take;
+                left -= take;
+                if slot.credit < cap {
+                    still_open.push((id, cap));
+                }
+            }
+            open = still_open;
+        }
+        self.fit_credit();
     }
 
     /// After any key's gate closed: withdraws from the pool the bytes of
@@ -491,6 +1143,10 @@ impl Hub {
             epochs.get(k).is_some_and(|&e| e < closes(k))
         });
         self.closings_seen = now;
+        if removed.is_empty() {
+            return;
+        }
+        self.fit_credit();
         let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
         for (key, n) in removed {
             self.pool_epoch.remove(&key);
@@ -499,26 +1155,35 @@ impl Hub {
     }
 
     /// Takes a block from the source into the pool, unless its key's gate
-    /// closed after it was released.
-    fn take_in(&mut self, block: SourceBlock, closes: &GateCloses, stats: &Mutex<EgdStats>) {
+    /// closed after it was released. Returns the bytes added.
+    fn take_in(
+        &mut self,
+        block: SourceBlock,
+        closes: &GateCloses,
+        stats: &Mutex<EgdStats>,
+    ) -> usize {
         let (data, key, epoch) = block;
         self.withdraw_closed(closes, stats);
         if any_gate_closed() && epoch < closes(&key) {
             let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
             *stats.withdrawn_by_key.entry(key).or_default() += data.len() as u64;
-            return;
+            return 0;
         }
         self.pool.extend(data);
         self.pool_keys.push_back(key, data.len());
         self.pool_epoch.insert(key, epoch);
+        data.len()
     }
 
+    /// Whether the hub should take another block: the pool is below its
+    /// size, or a client waits and no free byte is left for it.
     fn need_source(&self, pool_bytes: usize) -> bool {
-        self.pool.len() < pool_bytes || (self.pool.is_empty() && !self.waiters.is_empty())
+        self.pool.len() < pool_bytes || (!self.waiters.is_empty() && self.free() < SCALE)
     }
 
     /// Grants pool bytes to waiting clients, round robin, at most [`CHUNK`]
-    /// per turn. Returns when a rate-limited waiter will have tokens again.
+    /// per turn and no more than each one's allowance. Returns when a
+    /// rate-limited waiter will have tokens again.
     fn distribute(&mut self, now: Instant) -> Option<Instant> {
         let mut wake: Option<Instant> = None;
         let mut idle = 0;
@@ -526,13 +1191,24 @@ impl Hub {
             let Some(id) = self.waiters.pop_front() else {
                 break;
             };
-            let Some(slot) = self.slots.get_mut(&id) else {
+            let Some(slot) = self.slots.get(&id) else {
                 continue;
             };
             if slot.want == 0 {
                 continue;
             }
             let turn = CHUNK.min(slot.want);
+            if self.allowance(slot) < turn {
+                // Not a whole turn it may take now (granting less would
+                // only mean more, smaller writes): the next blocks bring
+                // credit.
+                self.waiters.push_back(id);
+                idle += 1;
+                continue;
+            }
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
             if let Some(b) = &mut slot.bucket {
                 b.refill(now);
                 if b.available() < turn {
@@ -542,16 +1218,13 @@ impl Hub {
                     idle += 1;
                     continue;
                 }
+                b.take(turn);
             }
-            let n = turn.min(self.pool.len());
-            slot.granted.extend(self.pool.drain(..n));
-            slot.granted_keys.extend_back(self.pool_keys.take_front(n));
-            slot.want -= n;
-            if let Some(b) = &mut slot.bucket {
-                b.take(n);
-            }
+            slot.want -= turn;
             slot.wake.notify_one();
-            if slot.want > 0 {
+            let more = slot.want > 0;
+            self.grant(id, turn);
+            if more {
                 self.waiters.push_back(id);
             }
             idle = 0;
@@ -601,22 +1274,47 @@ impl TokenBucket {
     }
 }
 
-/// Moves blocks from the source into the pool and grants them to waiting
-/// clients. Returns when the source is closed.
+/// Most blocks taken from the source in one go before they are credited
+/// (so crediting, which walks every client, runs per batch, not per block).
+const INTAKE_BATCH: usize = 80;
+
+/// Moves blocks from the source into the pool, credits them, and grants
+/// them to waiting clients. Returns when the source is closed.
 async fn run_hub(ctx: &Ctx, source: &mut mpsc::Receiver<SourceBlock>) {
+    let pool_bytes = ctx.config.pool_bytes;
+    let mut shown = (0, 0);
     loop {
-        let (need, wake) = {
+        let (need, wake, levels) = {
             let mut hub = ctx.hub();
             hub.withdraw_closed(&ctx.closes, &ctx.stats);
             let wake = hub.distribute(Instant::now());
-            (hub.need_source(ctx.config.pool_bytes), wake)
+            let levels = (hub.pool.len(), (hub.claimed / SCALE) as usize);
+            (hub.need_source(pool_bytes), wake, levels)
         };
+        if levels != shown {
+            shown = levels;
+            let mut stats = ctx.stats();
+            (stats.pool_bytes, stats.reserved_bytes) = levels;
+        }
         let sleep = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now));
         tokio::select! {
             biased;
             () = ctx.hub_wake.notified() => {}
             block = source.recv(), if need => match block {
-                Some(block) => ctx.hub().take_in(block, &ctx.closes, &ctx.stats),
+                Some(block) => {
+                    let mut hub = ctx.hub();
+                    let mut added = hub.take_in(block, &ctx.closes, &ctx.stats);
+                    for _ in 1..INTAKE_BATCH {
+                        if !hub.need_source(pool_bytes) {
+                            break;
+                        }
+                        match source.try_recv() {
+                            Ok(block) => added += hub.take_in(block, &ctx.closes, &ctx.stats),
+                            Err(_) => break,
+                        }
+                    }
+                    hub.credit(added, Instant::now(), pool_bytes);
+                }
                 None => return,
             },
             () = sleep, if wake.is_some() => {}
@@ -628,12 +1326,13 @@ async fn accept_loop(ctx: &Arc<Ctx>, listeners: &[EgdListener]) -> io::Result<()
     if listeners.is_empty() {
         return std::future::pending().await;
     }
+    let shares = ctx.config.shares;
     let mut tasks = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             conn = poll_fn(|cx| {
                 for l in listeners {
-                    if let Poll::Ready(r) = l.poll_accept(cx) {
+                    if let Poll::Ready(r) = l.poll_accept(cx, shares) {
                         return Poll::Ready(r);
                     }
                 }
@@ -641,7 +1340,7 @@ async fn accept_loop(ctx: &Arc<Ctx>, listeners: &[EgdListener]) -> io::Result<()
             }) => conn,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        let conn = match accepted {
+        let (stream, peer) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of descriptors and the like: wait a little, go on.
@@ -650,13 +1349,16 @@ async fn accept_loop(ctx: &Arc<Ctx>, listeners: &[EgdListener]) -> io::Result<()
                 continue;
             }
         };
-        let Some(client) = Client::register(ctx, &conn) else {
-            ctx.stats().rejected_clients += 1;
-            continue; // dropping `conn` closes it
+        let client = match Client::register(ctx, &peer) {
+            Ok(client) => client,
+            Err(why) => {
+                ctx.refused(&peer, why);
+                continue; // dropping `stream` closes it
+            }
         };
-        match conn {
-            Conn::Tcp(s, _) => tasks.spawn(client.run(s)),
-            Conn::Unix(s, _) => tasks.spawn(client.run(s)),
+        match stream {
+            Stream::Tcp(s) => tasks.spawn(client.run(s)),
+            Stream::Unix(s) => tasks.spawn(client.run(s)),
         };
     }
 }
@@ -682,47 +1384,59 @@ struct Client {
     ctx: Arc<Ctx>,
     id: u64,
     wake: Arc<Notify>,
+    close: Arc<Notify>,
 }
 
 impl Client {
-    /// Registers a new client, or `None` if `max_clients` are connected.
-    fn register(ctx: &Arc<Ctx>, conn: &Conn) -> Option<Self> {
-        let wake = Arc::new(Notify::new());
-        let id = {
+    /// Registers a new client, or says why it is refused.
+    fn register(ctx: &Arc<Ctx>, peer: &PeerInfo) -> Result<Self, Refusal> {
+        let now = Instant::now();
+        let (id, reclaimed, wake, close) = {
             let mut hub = ctx.hub();
-            if hub.active >= ctx.config.max_clients {
-                return None;
-            }
-            hub.active += 1;
-            hub.next_id += 1;
-            let id = hub.next_id;
-            let slot = Slot {
-                want: 0,
-                granted: VecDeque::new(),
-                granted_keys: Runs::default(),
-                wake: wake.clone(),
-                bucket: ctx.bucket(),
-            };
-            hub.slots.insert(id, slot);
-            id
+            let (id, reclaimed) = hub.admit(&ctx.config.admission, peer, ctx.bucket(), now)?;
+            let slot = &hub.slots[&id];
+            (id, reclaimed, slot.wake.clone(), slot.close.clone())
         };
-        let peer = match conn {
-            Conn::Tcp(_, p) | Conn::Unix(_, p) => p.clone(),
-        };
-        tracing::debug!("EGD client {id} connected: {peer}");
         let mut stats = ctx.stats();
+        if let Some(old) = reclaimed {
+            stats.reclaimed_slots += 1;
+            stats.clients.retain(|c| c.id != old);
+            tracing::info!(
+                "EGD: closed idle client {old} to make room for {} (every slot was taken)",
+                peer.label
+            );
+        }
+        tracing::debug!("EGD client {id} connected: {}", peer.label);
         stats.total_clients += 1;
+        let wall = SystemTime::now();
         stats.clients.push(ClientStats {
             id,
-            peer,
+            peer: peer.label.clone(),
+            listener: peer.listener,
+            ip: match peer.id {
+                PeerId::Ip(ip) | PeerId::Local(ip, _) => Some(ip),
+                _ => None,
+            },
+            uid: match peer.id {
+                PeerId::Uid(uid) | PeerId::Local(_, uid) => Some(uid),
+                _ => None,
+            },
+            share: peer.share.max(1),
             bytes_served: 0,
             requests_pending: 0,
-            connected_since: SystemTime::now(),
+            waits: Waits::default(),
+            connected_since: wall,
+            last_active: wall,
         });
-        Some(Self {
+        drop(stats);
+        if reclaimed.is_some() {
+            ctx.hub_wake.notify_one();
+        }
+        Ok(Self {
             ctx: ctx.clone(),
             id,
             wake,
+            close,
         })
     }
 
@@ -731,12 +1445,16 @@ impl Client {
         let (tx, mut rx) = mpsc::channel(self.ctx.config.max_pending());
         let reader = self.read_requests(BufReader::with_capacity(256, rd), tx);
         let writer = self.write_replies(&mut wr, &mut rx);
+        let close = self.close.clone();
         tokio::pin!(reader, writer);
         tokio::select! {
             end = &mut reader => match end {
                 // Half-closed: answer what was asked, then go.
                 Ok(()) => {
-                    let _ = writer.await;
+                    tokio::select! {
+                        _ = writer => {}
+                        () = close.notified() => {}
+                    }
                 }
                 Err(ReadEnd::Io) => {}
                 Err(ReadEnd::Protocol) => {
@@ -745,13 +1463,16 @@ impl Client {
                 }
             },
             _ = &mut writer => {}
+            () = close.notified() => {
+                tracing::debug!("EGD client {}: slot reclaimed, closing", self.id);
+            }
         }
     }
 
     async fn read_requests<R: AsyncRead + Unpin>(
         &self,
         mut rd: R,
-        tx: mpsc::Sender<Request>,
+        tx: mpsc::Sender<(Request, Instant)>,
     ) -> Result<(), ReadEnd> {
         fn cut(e: io::Error) -> ReadEnd {
             if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -782,12 +1503,18 @@ impl Client {
                 0x04 => Request::Pid,
                 _ => return Err(ReadEnd::Protocol),
             };
+            let now = Instant::now();
+            if let Some(slot) = self.ctx.hub().slots.get_mut(&self.id) {
+                slot.pending += 1;
+                slot.last_active = now;
+            }
             if let Some(c) = self.ctx.stats().client(self.id) {
                 c.requests_pending += 1;
+                c.last_active = SystemTime::now();
             }
             // Blocks while the queue is full: the client is not read until
             // it has been answered.
-            if tx.send(req).await.is_err() {
+            if tx.send((req, now)).await.is_err() {
                 return Ok(());
             }
         }
@@ -796,13 +1523,16 @@ impl Client {
     async fn write_replies<W: AsyncWrite + Unpin>(
         &self,
         wr: &mut W,
-        rx: &mut mpsc::Receiver<Request>,
+        rx: &mut mpsc::Receiver<(Request, Instant)>,
     ) -> io::Result<()> {
-        while let Some(req) = rx.recv().await {
+        while let Some((req, read_at)) = rx.recv().await {
             match req {
                 Request::Available => {
-                    let bits = self.ctx.hub().pool.len().saturating_mul(8);
-                    let bits = u32::try_from(bits).unwrap_or(u32::MAX);
+                    let bytes = {
+                        let hub = self.ctx.hub();
+                        hub.slots.get(&self.id).map_or(0, |s| hub.allowance(s))
+                    };
+                    let bits = u32::try_from(bytes.saturating_mul(8)).unwrap_or(u32::MAX);
                     wr.write_all(&bits.to_be_bytes()).await?;
                 }
                 Request::NonBlocking(n) => {
@@ -821,32 +1551,39 @@ impl Client {
                     wr.write_all(&reply).await?;
                 }
             }
+            let now = Instant::now();
+            if let Some(slot) = self.ctx.hub().slots.get_mut(&self.id) {
+                slot.pending = slot.pending.saturating_sub(1);
+                slot.last_active = now;
+            }
             if let Some(c) = self.ctx.stats().client(self.id) {
                 c.requests_pending = c.requests_pending.saturating_sub(1);
+                c.waits.record(now.saturating_duration_since(read_at));
+                c.last_active = SystemTime::now();
             }
         }
         Ok(())
     }
 
-    /// Non-blocking read: moves up to `n` pool bytes (and tokens) to this
-    /// client's granted bytes; returns how many.
+    /// Non-blocking read: moves up to `n` pool bytes (within this client's
+    /// allowance and tokens) to its granted bytes; returns how many.
     fn take_now(&self, n: usize) -> usize {
         let count = {
             let mut hub = self.ctx.hub();
             let hub = &mut *hub;
             hub.withdraw_closed(&self.ctx.closes, &self.ctx.stats);
-            let Some(slot) = hub.slots.get_mut(&self.id) else {
+            let Some(slot) = hub.slots.get(&self.id) else {
                 return 0;
             };
-            let mut count = n.min(hub.pool.len());
-            if let Some(b) = &mut slot.bucket {
+            let mut count = n.min(hub.allowance(slot));
+            if let Some(slot) = hub.slots.get_mut(&self.id)
+                && let Some(b) = &mut slot.bucket
+            {
                 b.refill(Instant::now());
                 count = count.min(b.available());
                 b.take(count);
             }
-            slot.granted.extend(hub.pool.drain(..count));
-            slot.granted_keys
-                .extend_back(hub.pool_keys.take_front(count));
+            hub.grant(self.id, count);
             count
         };
         if count > 0 {
@@ -898,7 +1635,9 @@ impl Client {
                 self.wake.notified().await;
                 continue;
             }
-            let written = wr.write(&buf[..ready]).await?;
+            let written = wr.write(&buf[..ready]).await;
+            buf[..ready].fill(0);
+            let written = written?;
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -925,14 +1664,12 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        {
-            let mut hub = self.ctx.hub();
-            hub.active -= 1;
-            hub.remove(self.id);
-        }
+        let was_there = self.ctx.hub().remove(self.id);
         self.ctx.hub_wake.notify_one();
         self.ctx.stats().clients.retain(|c| c.id != self.id);
-        tracing::debug!("EGD client {} disconnected", self.id);
+        if was_there {
+            tracing::debug!("EGD client {} disconnected", self.id);
+        }
     }
 }
 
@@ -1485,7 +2222,10 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn max_clients_enforced() {
         let config = EgdConfig {
-            max_clients: 2,
+            admission: Admission {
+                max_clients: 2,
+                ..Admission::default()
+            },
             ..EgdConfig::default()
         };
         let srv = Server::start(config, 4).await;
@@ -1551,16 +2291,9 @@ mod tests {
     fn hub_round_robin_and_returns() {
         let mut hub = Hub::default();
         for id in 1..=3 {
-            hub.slots.insert(
-                id,
-                Slot {
-                    want: 100,
-                    granted: VecDeque::new(),
-                    granted_keys: Runs::default(),
-                    wake: Arc::new(Notify::new()),
-                    bucket: None,
-                },
-            );
+            let mut slot = Slot::new(PeerId::Uid(0), 1, None, Instant::now());
+            slot.want = 100;
+            hub.slots.insert(id, slot);
             hub.waiters.push_back(id);
         }
         hub.pool.extend(0..=255u8);
@@ -1591,16 +2324,9 @@ mod tests {
         let mut hub = Hub::default();
         let mut bucket = TokenBucket::new(1000, now);
         bucket.take(1000);
-        hub.slots.insert(
-            1,
-            Slot {
-                want: 64,
-                granted: VecDeque::new(),
-                granted_keys: Runs::default(),
-                wake: Arc::new(Notify::new()),
-                bucket: Some(bucket),
-            },
-        );
+        let mut slot = Slot::new(PeerId::Uid(0), 1, Some(bucket), now);
+        slot.want = 64;
+        hub.slots.insert(1, slot);
         hub.waiters.push_back(1);
         hub.pool.extend([0u8; 64]);
         let wake = hub.distribute(now).expect("a wake-up time");
@@ -1610,5 +2336,316 @@ mod tests {
         hub.distribute(wake);
         assert_eq!(hub.slots[&1].granted.len(), 32);
         assert_eq!(hub.pool.len(), 32);
+    }
+
+    /// A hub slot, active now, from `peer` with `share`.
+    fn slot(hub: &mut Hub, id: u64, peer: PeerId, share: u32, now: Instant) {
+        hub.slots.insert(id, Slot::new(peer, share, None, now));
+        *hub.peers.entry(peer).or_default() += 1;
+        hub.next_id = hub.next_id.max(id);
+    }
+
+    /// Feeds `bytes` into the hub's pool as one intake and credits them.
+    fn intake(hub: &mut Hub, bytes: usize, now: Instant) {
+        hub.pool.extend(std::iter::repeat_n(0u8, bytes));
+        hub.pool_keys.push_back(key_of(0), bytes);
+        hub.credit(bytes, now, 16 * 1024);
+    }
+
+    /// Client `id` asks for `n` bytes (one blocking request) at `now`.
+    fn ask(hub: &mut Hub, id: u64, n: usize, now: Instant) {
+        let slot = hub.slots.get_mut(&id).unwrap();
+        slot.last_active = now;
+        slot.want += n;
+        slot.pending += 1;
+        if slot.want == n {
+            hub.waiters.push_back(id);
+        }
+    }
+
+    /// Takes what client `id` was granted.
+    fn drain(hub: &mut Hub, id: u64) -> usize {
+        let slot = hub.slots.get_mut(&id).unwrap();
+        let n = slot.granted.len();
+        slot.granted.clear();
+        slot.granted_keys.take_front(n);
+        if slot.want == 0 && n > 0 {
+            slot.pending = 0;
+        }
+        n
+    }
+
+    /// The credit books: the accounts add up, and never exceed the pool.
+    fn books(hub: &Hub) {
+        let sum: u64 = hub.slots.values().map(|s| s.credit).sum();
+        assert_eq!(sum, hub.claimed);
+        assert!(hub.claimed <= hub.pool.len() as u64 * SCALE);
+    }
+
+    #[test]
+    fn a_modest_client_beside_a_greedy_one_gets_all_it_asks_for() {
+        // The real key's pattern: 2,500 bytes every 640 ms. A modest
+        // client asks 64 bytes every 100 ms (640 B/s); a greedy one always
+        // wants more than there is.
+        let t0 = Instant::now();
+        let mut hub = Hub::default();
+        slot(&mut hub, 1, PeerId::Uid(1), 1, t0);
+        slot(&mut hub, 2, PeerId::Uid(2), 1, t0);
+        let (mut modest, mut greedy, mut asked, mut late) = (0, 0, 0, 0);
+        for tick in 0..600u64 {
+            let now = t0 + Duration::from_millis(100 * tick);
+            // Block arrivals in this tick.
+            if tick * 100 / 640 != (tick + 1) * 100 / 640 || tick == 0 {
+                intake(&mut hub, 2500, now);
+            }
+            if hub.slots[&2].want == 0 {
+                ask(&mut hub, 2, 255, now);
+            }
+            // The modest client's previous request must have been met
+            // within its tick.
+            if hub.slots[&1].want > 0 {
+                late += 1;
+            }
+            ask(&mut hub, 1, 64, now);
+            asked += 64;
+            for _ in 0..20 {
+                hub.distribute(now);
+                modest += drain(&mut hub, 1);
+                greedy += drain(&mut hub, 2);
+                if hub.slots[&2].want == 0 {
+                    ask(&mut hub, 2, 255, now);
+                }
+            }
+            books(&hub);
+        }
+        // After the first second (no credit yet), every request was met at
+        // once.
+        assert!(late <= 10, "{late} late requests");
+        assert!(modest + 64 * 10 >= asked, "modest got {modest} of {asked}");
+        // The greedy client took the rest, nothing was lost.
+        let released = 2500 * (600 * 100 / 640 + 1);
+        assert!(greedy > 0);
+        assert_eq!(modest + greedy + hub.pool.len(), released);
+    }
+
+    #[test]
+    fn greedy_clients_split_evenly_and_weights_count() {
+        let t0 = Instant::now();
+        let mut hub = Hub::default();
+        slot(&mut hub, 1, PeerId::Uid(1), 1, t0);
+        slot(&mut hub, 2, PeerId::Uid(2), 1, t0);
+        slot(&mut hub, 3, PeerId::Uid(3), 2, t0);
+        let mut got = [0usize; 4];
+        for tick in 0..200u64 {
+            let now = t0 + Duration::from_millis(10 * tick);
+            intake(&mut hub, 400, now);
+            for _ in 0..50 {
+                for id in 1..=3 {
+                    if hub.slots[&id].want == 0 {
+                        ask(&mut hub, id, 255, now);
+                    }
+                }
+                hub.distribute(now);
+                for id in 1..=3 {
+                    got[id as usize] += drain(&mut hub, id);
+                }
+            }
+            books(&hub);
+        }
+        // Shares 1:1:2 of 80,000 bytes, within a turn or two of credit.
+        let total: usize = got.iter().sum();
+        assert!(total + hub.pool.len() == 80_000);
+        for (id, part) in [(1, 0.25), (2, 0.25), (3, 0.5)] {
+            let share = got[id] as f64 / total as f64;
+            assert!(
+                (share - part).abs() < 0.03,
+                "client {id}: {share:.3} {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn accounts_are_capped_and_what_they_cannot_take_is_free() {
+        let t0 = Instant::now();
+        let mut hub = Hub::default();
+        slot(&mut hub, 1, PeerId::Uid(1), 1, t0);
+        slot(&mut hub, 2, PeerId::Uid(2), 1, t0);
+        // Nobody asks: after a second of ~4 kB/s, the accounts are full at
+        // their caps (about one second of each one's share of the rate, at
+        // least MIN_CREDIT_CAP) and the rest is free.
+        for tick in 0..10u64 {
+            intake(&mut hub, 400, t0 + Duration::from_millis(100 * tick));
+        }
+        books(&hub);
+        let c1 = hub.slots[&1].credit / SCALE;
+        assert_eq!(c1, hub.slots[&2].credit / SCALE);
+        let rate = hub.rate;
+        let cap = (rate / 2.0).max(MIN_CREDIT_CAP as f64);
+        assert!(
+            (c1 as f64 - cap).abs() <= 1.0,
+            "credit {c1}, cap {cap} at {rate:.0} B/s"
+        );
+        assert!(
+            hub.free() / SCALE + 2 * c1 + 2 >= 4000,
+            "free {}, credit {c1} each",
+            hub.free() / SCALE
+        );
+        // A client gone quiet past the window loses its credit at the next
+        // intake; its peer's account refills, up to the (new) cap.
+        let later = t0 + ACTIVE_WINDOW + Duration::from_secs(2);
+        hub.slots.get_mut(&2).unwrap().last_active = later;
+        intake(&mut hub, 400, later);
+        assert_eq!(hub.slots[&1].credit, 0);
+        assert!(hub.slots[&2].credit > 0);
+        books(&hub);
+        // A client's allowance is its credit and the free bytes.
+        let s1 = &hub.slots[&1];
+        assert_eq!(hub.allowance(s1) as u64, hub.free() / SCALE);
+    }
+
+    #[test]
+    fn withdrawal_and_departures_keep_the_credit_books() {
+        let t0 = Instant::now();
+        let mut hub = Hub::default();
+        for id in 1..=3 {
+            slot(&mut hub, id, PeerId::Uid(id as u32), 1, t0);
+        }
+        intake(&mut hub, 3000, t0);
+        books(&hub);
+        let before: Vec<u64> = (1..=3).map(|id| hub.slots[&id].credit).collect();
+        assert!(before.iter().all(|&c| c > 0));
+        // Most of the pool withdrawn: the accounts shrink in proportion.
+        hub.pool.drain(..2900);
+        hub.fit_credit();
+        books(&hub);
+        assert!(hub.claimed <= 100 * SCALE);
+        // A departure frees its credit.
+        let c2 = hub.slots[&2].credit;
+        let free = hub.free();
+        assert!(hub.remove(2));
+        assert!(!hub.remove(2), "removing twice");
+        assert_eq!(hub.free(), free + c2);
+        books(&hub);
+        assert_eq!(hub.peers.get(&PeerId::Uid(2)), None);
+    }
+
+    fn peer(id: PeerId) -> PeerInfo {
+        PeerInfo {
+            id,
+            label: format!("{id:?}"),
+            listener: "tcp",
+            gid: None,
+            share: 1,
+        }
+    }
+
+    #[test]
+    fn admission_caps_peers_and_reclaims_only_from_bigger_ones() {
+        let now = Instant::now();
+        let a = PeerId::Ip("10.0.0.1".parse().unwrap());
+        let b = PeerId::Ip("10.0.0.2".parse().unwrap());
+        let c = PeerId::Local("127.0.0.1".parse().unwrap(), 1000);
+        let adm = Admission {
+            max_clients: 4,
+            max_per_peer: 3,
+            ..Admission::default()
+        };
+        let mut hub = Hub::default();
+        let admit = |hub: &mut Hub, p: PeerId, at: u64| {
+            hub.admit(&adm, &peer(p), None, now + Duration::from_millis(at))
+        };
+        // `a` takes three slots and is then at its cap.
+        for at in 0..3 {
+            assert!(matches!(admit(&mut hub, a, at), Ok((_, None))));
+        }
+        assert_eq!(admit(&mut hub, a, 3), Err(Refusal::PeerCap));
+        // `b` takes the last slot; the next `b` (holding 1, `a` 3: a
+        // difference of 2) reclaims `a`'s longest-idle connection, id 1.
+        assert!(matches!(admit(&mut hub, b, 4), Ok((_, None))));
+        // A connection with a request pending is never reclaimed.
+        hub.slots.get_mut(&1).unwrap().pending = 1;
+        let (_, reclaimed) = admit(&mut hub, b, 5).unwrap();
+        assert_eq!(reclaimed, Some(2));
+        assert!(hub.slots.contains_key(&1));
+        assert_eq!(hub.peers[&a], 2);
+        assert_eq!(hub.peers[&b], 2);
+        // Nobody holds two more than `b` now: refused, nothing taken.
+        assert_eq!(admit(&mut hub, b, 6), Err(Refusal::Full));
+        assert_eq!(hub.slots.len(), 4);
+        // `c` holds none: the longest-idle idle connection of the biggest
+        // peers (`a` and `b`, two each) goes: `a`'s id 3.
+        assert_eq!(admit(&mut hub, c, 7), Ok((6, Some(3))));
+        assert_eq!(hub.slots.len(), 4);
+        assert_eq!((hub.peers[&a], hub.peers[&b], hub.peers[&c]), (1, 2, 1));
+        // `c` again: `b` holds 2 = 1 + 1 more, not 2 more: refused.
+        assert_eq!(admit(&mut hub, c, 8), Err(Refusal::Full));
+        // Allow-lists come first.
+        let only_b = Admission {
+            allow_nets: vec!["10.0.0.2/32".parse().unwrap()],
+            ..adm.clone()
+        };
+        assert_eq!(
+            hub.admit(&only_b, &peer(a), None, now).map(|_| ()),
+            Err(Refusal::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn wait_quantiles_are_within_a_bucket() {
+        let mut w = Waits::default();
+        assert_eq!(w.quantile(0.5), None);
+        for ms in 1..=100u64 {
+            w.record(Duration::from_millis(ms));
+        }
+        w.record(Duration::ZERO);
+        w.record(Duration::from_secs(100_000));
+        assert_eq!(w.count(), 102);
+        for (q, want) in [(0.5, 50.0), (0.9, 91.0), (0.98, 99.0)] {
+            let got = w.quantile(q).unwrap().as_secs_f64() * 1000.0;
+            assert!(got >= want && got <= want * 1.19 + 0.01, "q{q}: {got} ms");
+        }
+        assert_eq!(w.quantile(0.0), Some(Duration::from_micros(1)));
+        assert!(w.quantile(1.0).unwrap() >= Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn proc_net_tcp_lines_parse() {
+        // The example in the kernel's Documentation/networking/proc_net_tcp:
+        // 172.16.3.1:40012 to 172.16.3.3:6000 (on a little-endian host).
+        let line = "  46: 010310AC:9C4C 030310AC:1770 01 00000150:00000000 \
+                    01:00000019 00000000  1000        0 54165785 4 cd1e6040 25 4 27 3 -1";
+        if cfg!(target_endian = "little") {
+            let (local, remote, uid) = parse_tcp_table_line(line).unwrap();
+            assert_eq!(local, "172.16.3.1:40012".parse().unwrap());
+            assert_eq!(remote, "172.16.3.3:6000".parse().unwrap());
+            assert_eq!(uid, 1000);
+        }
+        assert_eq!(
+            parse_tcp_table_line("  sl  local_address rem_address"),
+            None
+        );
+        assert_eq!(parse_tcp_table_line(""), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_local_tcp_client_is_known_by_its_user() {
+        let me = std::fs::metadata("/proc/self").unwrap().uid();
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = TcpListener::bind(host).await else {
+                continue; // no IPv6 here
+            };
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, peer) = l.accept().await.unwrap();
+            assert_eq!(peer, c.local_addr().unwrap());
+            assert_eq!(
+                local_peer_uid(peer, s.local_addr().unwrap()),
+                Some(me),
+                "{host}"
+            );
+        }
+        // Not a peer on this host: not looked up.
+        let far: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        assert_eq!(local_peer_uid(far, "192.0.2.9:8888".parse().unwrap()), None);
     }
 }

@@ -337,6 +337,51 @@ pub fn registry(s: &Snapshot) -> Registry {
         set(&clients, &Vec::new(), e.clients.len() as i64);
         add(&total, &Vec::new(), e.total_clients);
         add(&rejected, &Vec::new(), e.rejected_clients);
+        let refused = m.counter(
+            "egd_refused_connections",
+            "EGD connections closed at once, by reason (not_allowed: allow-lists; peer_cap: --egd-max-per-peer; full: no slot, none reclaimable)",
+        );
+        for (reason, n) in [
+            ("not_allowed", e.refused_not_allowed),
+            ("peer_cap", e.refused_peer_cap),
+            ("full", e.rejected_clients),
+        ] {
+            add(&refused, &vec![("reason".into(), reason.into())], n);
+        }
+        let reclaimed = m.counter(
+            "egd_reclaimed_slots",
+            "Idle EGD connections closed to make room for another peer",
+        );
+        add(&reclaimed, &Vec::new(), e.reclaimed_slots);
+        let pool = m.gauge("egd_pool_bytes", "Bytes in the EGD pool now");
+        let reserved = m.gauge(
+            "egd_reserved_bytes",
+            "Bytes of the EGD pool held as clients' credit",
+        );
+        set(&pool, &Vec::new(), e.pool_bytes as i64);
+        set(&reserved, &Vec::new(), e.reserved_bytes as i64);
+        let served = m.counter("egd_client_served_bytes", "Bytes served to each EGD client");
+        let pending = m.gauge(
+            "egd_client_requests_pending",
+            "Requests each EGD client has waiting",
+        );
+        let wait = m.fgauge(
+            "egd_client_wait_seconds",
+            "How long each EGD client's requests waited, read to answered (quantile 0.5 or 0.99, within 19 %)",
+        );
+        for c in &e.clients {
+            let l: Labels = vec![
+                ("client".into(), c.id.to_string()),
+                ("peer".into(), c.peer.clone()),
+            ];
+            add(&served, &l, c.bytes_served);
+            set(&pending, &l, c.requests_pending as i64);
+            for (q, name) in [(0.5, "0.5"), (0.99, "0.99")] {
+                if let Some(d) = c.waits.quantile(q) {
+                    fset(&wait, &with(l.clone(), "quantile", name), d.as_secs_f64());
+                }
+            }
+        }
     }
     reg
 }

@@ -288,22 +288,40 @@ pub fn render(doc: &Value) -> String {
         let clients = e["clients"].as_array().cloned().unwrap_or_default();
         let _ = writeln!(
             out,
-            "\nEGD server: {} client{} now, {} served, {} clients in all ({} turned away, {} closed for protocol errors)",
+            "\nEGD server: {} client{} now, {} served, {} clients in all, {} in the pool ({} held as credit)",
             clients.len(),
             if clients.len() == 1 { "" } else { "s" },
             human_bytes(e["total_served"].as_u64().unwrap_or(0)),
             e["total_clients"],
+            human_bytes(e["pool_bytes"].as_u64().unwrap_or(0)),
+            human_bytes(e["reserved_bytes"].as_u64().unwrap_or(0)),
+        );
+        let _ = writeln!(
+            out,
+            "  refused: {} not allowed, {} at their peer's cap, {} with every slot taken; {} idle slots reclaimed; {} closed for protocol errors",
+            e["refused_not_allowed"],
+            e["refused_peer_cap"],
             e["rejected_clients"],
+            e["reclaimed_slots"],
             e["closed_for_protocol_errors"]
         );
+        let wait = |v: &Value| {
+            v.as_f64()
+                .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"))
+        };
         for c in &clients {
             let _ = writeln!(
                 out,
-                "  {}  {} served, {} requests pending, connected {}",
+                "  #{} {}  share {}, {} served, {} pending, wait p50 {} p99 {}, connected {}, idle {}",
+                c["id"],
                 c["peer"].as_str().unwrap_or("?"),
+                c["share"],
                 human_bytes(c["bytes_served"].as_u64().unwrap_or(0)),
                 c["requests_pending"],
-                duration(c["connected_seconds"].as_f64().unwrap_or(0.0))
+                wait(&c["wait_p50_ms"]),
+                wait(&c["wait_p99_ms"]),
+                duration(c["connected_seconds"].as_f64().unwrap_or(0.0)),
+                duration(c["idle_seconds"].as_f64().unwrap_or(0.0)),
             );
         }
     }
