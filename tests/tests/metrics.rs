@@ -153,6 +153,28 @@ fn metrics_move_and_add_up() {
             )
     );
     assert_eq!(value(&s, "ekey_egd_clients", &[]), 1.0);
+    // The one client's own books: all it was served, nothing pending, its
+    // waits measured; nobody refused.
+    assert_eq!(
+        value(
+            &s,
+            "ekey_egd_client_served_bytes_total",
+            &["peer=\"tcp 127.0.0.1:"]
+        ),
+        served
+    );
+    assert_eq!(value(&s, "ekey_egd_client_requests_pending", &[]), 0.0);
+    let p50 = value(&s, "ekey_egd_client_wait_seconds", &["quantile=\"0.5\""]);
+    let p99 = value(&s, "ekey_egd_client_wait_seconds", &["quantile=\"0.99\""]);
+    assert!(0.0 < p50 && p50 <= p99 && p99 < 10.0, "{p50} {p99}");
+    for reason in ["not_allowed", "peer_cap", "full"] {
+        let label = format!("reason=\"{reason}\"");
+        assert_eq!(
+            value(&s, "ekey_egd_refused_connections_total", &[&label]),
+            0.0
+        );
+    }
+    assert_eq!(value(&s, "ekey_egd_reclaimed_slots_total", &[]), 0.0);
     // One key: everything served came from it.
     assert_eq!(
         value(&s, "ekey_key_egd_served_bytes_total", &[serial]),
