@@ -1,31 +1,39 @@
 //! `ekey-host`: the Entropy Key daemon and tools, as a library.
 //!
+//! Where things live:
+//!
+//! - [`keys`]: a key's link ([`keys::transport`]: ttys and Unix sockets;
+//!   [`keys::usb`]: USB via nusb; [`keys::soft`]: the built-in software
+//!   key) and [`keys::driver`], which runs one key's `Session` and health
+//!   gate ([`ekey_proto::health`]) over its link and releases verified
+//!   blocks.
+//! - [`daemon`]: `run` (and `read`/`test`): starts the keys (discovery,
+//!   hot-plug), the outputs, the control socket and the metrics, and moves
+//!   each verified block to exactly one output (`daemon::dispatch`).
+//! - [`outputs`]: [`outputs::egd`] (the EGD server QEMU's `rng-egd`
+//!   reads), [`outputs::kernel`] (`RNDADDENTROPY`) and [`outputs::file`]
+//!   (`--output`).
+//! - [`commands`]: one module per subcommand, and [`commands::main`], the
+//!   binary's entry; [`commands::feed`] is the guest-side feeder that reads
+//!   an EGD server into a guest's kernel. [`cli`]: the command line (clap).
 //! - [`rng`]: a key as a `rand_core` RNG in your own program
 //!   (`rng::open(None, keyring)` takes the key on USB); see
 //!   `examples/random_hex.rs` and `examples/chacha_reseed.rs`.
-//! - [`transport`] and [`usb`]: keys on ttys, Unix sockets and USB (nusb),
-//!   as async byte streams; [`driver`]: one `Session` per key, verified
-//!   blocks out with backpressure.
-//! - Between keys and outputs, each key's health gate
-//!   ([`ekey_proto::health`], run by [`driver`]).
-//! - Outputs: [`egd`] (the EGD server QEMU's `rng-egd` reads) and
-//!   [`kernel`] (`RNDADDENTROPY`); [`feed`], the guest-side feeder that
-//!   reads an EGD server into a guest's kernel.
-//! - [`metrics`]: Prometheus metrics over HTTP.
-//! - [`keyring`] (ekeyd's format, atomic 0600 writes), [`control`] and
-//!   [`status`] (the daemon's control socket), [`soft`] (the built-in
-//!   software key), [`cli`] (the `ekey-host` command line).
+//! - [`keyring`] (ekeyd's format, atomic 0600 writes), [`status`] (the
+//!   status document), [`metrics`] (Prometheus over HTTP).
+//!
+//! Where entropy lives on its way: the driver's gate holds a key's blocks
+//! until they pass; the dispatcher holds at most one block
+//! (`Dispatch::pending`) and the bounded channels to the outputs a few
+//! more; the EGD server's pool and each client's granted bytes; the kernel
+//! output's buffer; the `--output` thread's queue.
 
 pub mod cli;
-pub mod control;
-pub mod driver;
-pub mod egd;
-pub mod feed;
-pub mod kernel;
+pub mod commands;
+pub mod daemon;
 pub mod keyring;
+pub mod keys;
 pub mod metrics;
+pub mod outputs;
 pub mod rng;
-pub mod soft;
 pub mod status;
-pub mod transport;
-pub mod usb;

@@ -1,5 +1,5 @@
-//! `ekey-host`: the Entropy Key daemon and tools (see [`ekey_host::cli`]).
+//! `ekey-host`: the Entropy Key daemon and tools (see [`ekey_host::commands`]).
 
 fn main() -> std::process::ExitCode {
-    ekey_host::cli::main()
+    ekey_host::commands::main()
 }

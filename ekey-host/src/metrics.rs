@@ -27,9 +27,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::driver::KeyStatus;
-use crate::egd::EgdStats;
-use crate::kernel::KernelStats;
+use crate::keys::driver::KeyStatus;
+use crate::outputs::egd::EgdStats;
+use crate::outputs::kernel::KernelStats;
 
 /// What one scrape shows.
 #[derive(Clone, Debug, Default)]

@@ -37,7 +37,7 @@ use nusb::MaybeFuture;
 use nusb::transfer::{Bulk, In, Out};
 
 use crate::keyring::Keyring;
-use crate::usb;
+use crate::keys::usb;
 
 /// How long one transport read waits before the adapter looks at its
 /// clock again.
@@ -145,7 +145,7 @@ fn open_path(path: &Path) -> Result<BlockingLink, String> {
         .write(true)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    crate::transport::set_raw(&f).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::keys::transport::set_raw(&f).map_err(|e| format!("{}: {e}", path.display()))?;
     // Reads return after POLL with whatever came, possibly nothing.
     let mut t = nix::sys::termios::tcgetattr(&f).map_err(|e| e.to_string())?;
     t.control_chars[nix::sys::termios::SpecialCharacterIndices::VMIN as usize] = 0;

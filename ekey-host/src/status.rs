@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::driver::KeyStatus;
+use crate::keys::driver::KeyStatus;
 use ekey_proto::health::GateStatus;
 
 fn opt_f32(v: Option<f32>) -> Value {

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ekey_host::driver::{self, DriveOptions, KeyStatus, Signals};
-use ekey_host::soft::{self, SoftKey};
+use ekey_host::keys::driver::{self, DriveOptions, KeyStatus, Signals};
+use ekey_host::keys::soft::{self, SoftKey};
 use ekey_proto::host::Config;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
@@ -63,7 +63,7 @@ async fn one_packet_per_read_does_not_cap_the_rate() {
         let mut key = SoftKey::demo();
         let _ = soft::serve(&mut key_end, &mut key, slot, None).await;
     });
-    let mut link: ekey_host::transport::Link = Box::new(Packets {
+    let mut link: ekey_host::keys::transport::Link = Box::new(Packets {
         inner: host_end,
         packet: 64,
     });

@@ -3,5 +3,5 @@
 //! single call as `ekey-host/src/main.rs`.
 
 fn main() -> std::process::ExitCode {
-    ekey_host::cli::main()
+    ekey_host::commands::main()
 }

@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::kernel::{self, EntropySink, KernelConfig, KernelFeeder, KernelStats, Mode};
+use crate::outputs::kernel::{self, EntropySink, KernelConfig, KernelFeeder, KernelStats, Mode};
 
 /// Largest EGD blocking read (`0x02 n`): `n` is one byte.
 pub const MAX_REQUEST: usize = 255;

@@ -39,7 +39,7 @@ use nix::libc;
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::driver::GateCloses;
+use crate::keys::driver::GateCloses;
 
 /// Largest number of bytes passed to the kernel in one ioctl.
 pub const MAX_CHUNK: usize = 512;
@@ -379,10 +379,10 @@ pub async fn run(
 }
 
 /// The kernel output's side of withdrawing bytes whose key's gate closed
-/// after they were released (see [`crate::driver::GATE_CLOSINGS`]).
+/// after they were released (see [`crate::keys::driver::GATE_CLOSINGS`]).
 #[derive(Default)]
 struct Withdrawals {
-    /// [`crate::driver::GATE_CLOSINGS`] at the last check.
+    /// [`crate::keys::driver::GATE_CLOSINGS`] at the last check.
     closings_seen: u64,
     /// For each key with bytes waiting: its gate's closings when they were
     /// released.
@@ -396,12 +396,12 @@ impl Withdrawals {
         &mut self,
         block: KeyBlock,
         pending: &mut Vec<u8>,
-        keys: &mut crate::egd::Runs,
+        keys: &mut crate::outputs::egd::Runs,
         closes: &GateCloses,
     ) {
         let (data, key, epoch) = block;
         self.check(pending, keys, closes);
-        if crate::driver::any_gate_closed() && epoch < closes(&key) {
+        if crate::keys::driver::any_gate_closed() && epoch < closes(&key) {
             *self.by_key.entry(key).or_default() += data.len() as u64;
             return;
         }
@@ -412,8 +412,13 @@ impl Withdrawals {
 
     /// After any gate closed: drops waiting bytes released before their
     /// key's gate last closed.
-    fn check(&mut self, pending: &mut Vec<u8>, keys: &mut crate::egd::Runs, closes: &GateCloses) {
-        let now = crate::driver::GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire);
+    fn check(
+        &mut self,
+        pending: &mut Vec<u8>,
+        keys: &mut crate::outputs::egd::Runs,
+        closes: &GateCloses,
+    ) {
+        let now = crate::keys::driver::GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire);
         if now == self.closings_seen {
             return;
         }
@@ -451,7 +456,7 @@ pub async fn run_with(
         .max(feeder.config.bytes_per_interval())
         + 32;
     let mut pending = Zeroizing::new(Vec::<u8>::with_capacity(most));
-    let mut pending_keys = crate::egd::Runs::default();
+    let mut pending_keys = crate::outputs::egd::Runs::default();
     let mut by_key = std::collections::BTreeMap::new();
     let mut withdrawn = Withdrawals::default();
     let chunk = feeder.config.chunk();
@@ -788,7 +793,7 @@ mod tests {
         // Key A's gate closes. Its block released before (epoch 0) is
         // withdrawn; its block released after (epoch 1) is taken.
         a_closes.store(1, Ordering::SeqCst);
-        crate::driver::GATE_CLOSINGS.fetch_add(1, Ordering::SeqCst);
+        crate::keys::driver::GATE_CLOSINGS.fetch_add(1, Ordering::SeqCst);
         tx.send(([3; 32], a, 0)).await.unwrap();
         tx.send(([4; 32], b, 0)).await.unwrap();
         tx.send(([5; 32], a, 1)).await.unwrap();

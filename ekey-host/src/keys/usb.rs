@@ -9,7 +9,7 @@ use nusb::descriptors::TransferType;
 use nusb::transfer::{Bulk, Direction, In, Out};
 use nusb::{DeviceId, DeviceInfo};
 
-use crate::transport::Link;
+use crate::keys::transport::Link;
 
 /// Simtec's USB vendor id.
 pub const VENDOR_ID: u16 = 0x20df;

@@ -13,7 +13,7 @@ use ekey_proto::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::transport::Link;
+use crate::keys::transport::Link;
 
 /// How many times a key's health gate has closed so far. A block released
 /// before the latest closing is withdrawn: never served.
@@ -388,8 +388,8 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         // each one (a key sends ~100 a second). Commands still go out at
         // once, and no timeout of the session is anywhere near this short.
         // A fast source (much taken in one wake-up) is read again at once.
-        if taken >= crate::transport::FAST_READ {
-            fast_until = Some(tokio::time::Instant::now() + crate::transport::FAST_WINDOW);
+        if taken >= crate::keys::transport::FAST_READ {
+            fast_until = Some(tokio::time::Instant::now() + crate::keys::transport::FAST_WINDOW);
         }
         let fast = fast_until.is_some_and(|t| tokio::time::Instant::now() < t);
         if !fast && !coalesce.is_zero() && !session.has_transmit() {

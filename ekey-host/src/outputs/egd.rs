@@ -155,7 +155,7 @@ use tokio::time::Instant;
 
 use ekey_proto::keys::Serial;
 
-use crate::driver::{GATE_CLOSINGS, GateCloses, any_gate_closed};
+use crate::keys::driver::{GATE_CLOSINGS, GateCloses, any_gate_closed};
 
 /// Most bytes a waiting client is granted per round-robin turn.
 pub const CHUNK: usize = 32;

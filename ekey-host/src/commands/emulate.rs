@@ -1,0 +1,174 @@
+//! `ekey-host emulate`: the built-in software key on a pty, a Unix socket or a tty.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::cli::EmulateArgs;
+use crate::keys::soft::{self, SoftKey, demo_long_term_key};
+use crate::keys::transport::{self};
+use crate::outputs::file::create_private;
+use ekey_proto::device::DeviceConfig;
+use ekey_proto::keys::{LongTermKey, Serial};
+use ekey_proto::rekey::parse_master_key;
+use tracing::{info, warn};
+
+pub(crate) async fn emulate(args: EmulateArgs) -> Result<(), String> {
+    let EmulateArgs {
+        pty,
+        unix,
+        tty,
+        serial,
+        long_term_key,
+        master_key,
+        rate,
+        record,
+        noise_prefix,
+        fault_corrupt_every,
+        fault_garbage_every,
+        fault_replay_every,
+        fault_failure_mode,
+        fault_noise,
+        fault_temperature,
+        noise_seed,
+    } = args;
+    let plan = soft::FaultPlan {
+        corrupt_every: fault_corrupt_every,
+        garbage_every: fault_garbage_every,
+        replay_every: fault_replay_every,
+        failure_mode: fault_failure_mode.map(|c| c as u8),
+        noise: fault_noise.unwrap_or_default(),
+        temperature: fault_temperature,
+    };
+    let serial: Serial = serial
+        .parse()
+        .map_err(|e| format!("--serial: {e} (16 PEM64 characters)"))?;
+    let ltk = match long_term_key {
+        Some(k) => LongTermKey::from_pem(k.trim().as_bytes())
+            .map_err(|e| format!("--long-term-key: {e} (44 PEM64 characters)"))?,
+        None => demo_long_term_key(),
+    };
+    let mut config = DeviceConfig::new(serial, ltk);
+    config.master_key = Some(match master_key {
+        Some(m) => parse_master_key(&m).map_err(|e| format!("--master-key: {e}"))?,
+        None => soft::demo_master_key(),
+    });
+    let mut key = SoftKey::new(config);
+    key.set_faults(plan);
+    if let Some(h) = noise_seed {
+        let seed: [u8; 32] = hex::decode(h.trim())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or("--noise-seed: 64 hex digits")?;
+        key.seed_noise(seed);
+    }
+    if let Some(h) = noise_prefix {
+        key.script_noise(&hex::decode(h.trim()).map_err(|e| format!("--noise-prefix: {e}"))?);
+    }
+    let mut rec: Option<Box<dyn Write + Send>> = match &record {
+        Some(p) => Some(Box::new(create_private(p)?)),
+        None => None,
+    };
+    let slot = soft::slot_for_rate(rate);
+    if let Some(path) = tty {
+        let rec = rec.as_deref_mut().map(|w| w as _);
+        return serve_tty(&path, &mut key, slot, rec).await;
+    }
+    if pty {
+        let (mut master, path) =
+            transport::open_pty().map_err(|e| format!("cannot create a pty: {e}"))?;
+        println!("{}", path.display());
+        let _ = io::stdout().flush();
+        info!("software key {serial} on {}", path.display());
+        tokio::select! {
+            r = soft::serve(&mut master, &mut key, slot, rec.as_deref_mut().map(|w| w as _)) => {
+                r.map_err(|e| format!("pty: {e}"))
+            }
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    } else {
+        let path = unix.ok_or("give --pty or --unix PATH")?;
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        println!("{}", path.display());
+        let _ = io::stdout().flush();
+        info!("software key {serial} on {}", path.display());
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        loop {
+            tokio::select! {
+                a = listener.accept() => {
+                    let (mut stream, _) = a.map_err(|e| format!("accept: {e}"))?;
+                    info!("client connected");
+                    tokio::select! {
+                        r = soft::serve(&mut stream, &mut key, slot, rec.as_deref_mut().map(|w| w as _)) => {
+                            if let Err(e) = r { warn!("client: {e}"); }
+                            info!("client disconnected");
+                        }
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = sigterm.recv() => break,
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+}
+
+/// `emulate --tty`: serves the key on an existing tty until a signal,
+/// reopening the tty whenever the other side hangs up (a gadget's port
+/// while the host side is unbound).
+pub(crate) async fn serve_tty(
+    path: &Path,
+    key: &mut SoftKey,
+    slot: Duration,
+    mut rec: Option<&mut (dyn Write + Send)>,
+) -> Result<(), String> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    // The first open must work: a wrong path is an error, not a wait.
+    let mut tty = Some(transport::Tty::open(path).map_err(|e| e.to_string())?);
+    println!("{}", path.display());
+    let _ = io::stdout().flush();
+    info!("software key {} on {}", key.serial(), path.display());
+    loop {
+        let mut t = match tty.take() {
+            Some(t) => t,
+            None => match transport::Tty::open(path) {
+                Ok(t) => {
+                    info!("{}: open again", path.display());
+                    t
+                }
+                Err(e) => {
+                    tracing::debug!("{}: {e}", path.display());
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                        _ = sigterm.recv() => return Ok(()),
+                    }
+                }
+            },
+        };
+        tokio::select! {
+            r = soft::serve(&mut t, key, slot, rec.as_deref_mut().map(|w| w as _)) => {
+                match r {
+                    Ok(()) => info!("{}: the other side hung up", path.display()),
+                    Err(e) => info!("{}: {e}", path.display()),
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+        drop(t);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,348 @@
+//! The daemon's control socket: a Unix stream socket (mode 0600) that
+//! answers one line-command per connection.
+//!
+//! Commands: `status` (the JSON status document), `reload` (re-read the
+//! keyring, then reset the keys so they use it), `release KEY` (let go of
+//! a key, by serial or transport, for as long as the client keeps the
+//! connection open or until `resume KEY`), `resume KEY`.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Default path of the control socket.
+pub const DEFAULT_PATH: &str = "/run/ekey-host/control";
+
+/// Longest command line accepted.
+const MAX_LINE: u64 = 256;
+
+/// Binds the control socket: creates its directory (0700) if missing,
+/// replaces a stale socket, and makes the socket 0600.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        // A live daemon answers; a stale socket does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another ekey-host is running on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Reads one command line from a control client.
+pub async fn read_command(stream: &mut UnixStream) -> io::Result<String> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream).take(MAX_LINE);
+    reader.read_line(&mut line).await?;
+    Ok(line.trim().to_owned())
+}
+
+/// Connects to the daemon at `path` and sends `command`.
+async fn send(path: &Path, command: &str) -> Result<UnixStream, String> {
+    let mut s = UnixStream::connect(path).await.map_err(|e| {
+        format!(
+            "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
+            path.display()
+        )
+    })?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Sends `command` to the daemon at `path` and returns its answer.
+pub async fn request(path: &Path, command: &str) -> Result<String, String> {
+    let exchange = async {
+        let mut s = send(path, command).await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(answer)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), exchange)
+        .await
+        .map_err(|_| format!("the daemon at {} does not answer", path.display()))?
+}
+
+/// Sends `command` to the daemon at `path` and reads its one-line answer,
+/// keeping the connection open: for `release`, which lasts until the
+/// connection closes (so a `rekey` that dies gives the key back).
+pub async fn hold(path: &Path, command: &str) -> Result<(String, UnixStream), String> {
+    let exchange = async {
+        let mut s = send(path, command).await?;
+        let mut answer = String::new();
+        BufReader::new(&mut s)
+            .take(MAX_ANSWER_LINE)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((answer, s))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), exchange)
+        .await
+        .map_err(|_| format!("the daemon at {} does not answer", path.display()))?
+}
+
+/// Longest one-line answer [`hold`] reads.
+const MAX_ANSWER_LINE: u64 = 4096;
+
+/// The control path to use: the option, or the default.
+pub fn path_or_default(p: Option<PathBuf>) -> PathBuf {
+    p.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::daemon::SharedKeyring;
+use crate::daemon::SharedStatuses;
+use crate::daemon::control;
+use crate::daemon::reload_keyring;
+use crate::daemon::snapshot;
+use crate::outputs::egd;
+use crate::outputs::kernel;
+use crate::status;
+use tracing::info;
+
+/// What the control socket acts on.
+pub(crate) struct Daemon {
+    pub(crate) statuses: SharedStatuses,
+    pub(crate) started: std::time::Instant,
+    pub(crate) ring: SharedKeyring,
+    pub(crate) keyring_path: PathBuf,
+    pub(crate) emulate: bool,
+    pub(crate) reload_tx: tokio::sync::watch::Sender<u64>,
+    pub(crate) released_tx: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
+    pub(crate) egd: Option<Arc<Mutex<egd::EgdStats>>>,
+    pub(crate) kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
+    /// Bits credited per byte by the kernel output.
+    pub(crate) kernel_bits: u8,
+}
+
+impl Daemon {
+    pub(crate) fn reload(&self) -> Result<usize, String> {
+        reload_keyring(
+            &self.ring,
+            &self.keyring_path,
+            self.emulate,
+            &self.reload_tx,
+        )
+    }
+
+    /// Whether any key matching `target` (serial or transport) is connected.
+    pub(crate) fn holds(&self, target: &str) -> bool {
+        snapshot(&self.statuses).iter().any(|k| {
+            k.connected
+                && (k.transport == target || k.serial.is_some_and(|s| s.to_string() == target))
+        })
+    }
+
+    pub(crate) async fn answer(&self, command: &str) -> String {
+        let (verb, arg) = command.split_once(' ').unwrap_or((command, ""));
+        let arg = arg.trim();
+        match (verb, arg) {
+            ("status", "") => {
+                let snapshot = snapshot(&self.statuses);
+                let mut doc =
+                    status::status_json(&snapshot, std::time::Instant::now(), self.started);
+                if let Some(e) = &self.egd {
+                    let e = e.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    // Per key: of the bytes handed to the EGD pool, how
+                    // many clients got.
+                    if let Some(keys) = doc["keys"].as_array_mut() {
+                        for (k, st) in keys.iter_mut().zip(&snapshot) {
+                            let served = st
+                                .serial
+                                .and_then(|s| e.served_by_key.get(&s).copied())
+                                .unwrap_or(0);
+                            let withdrawn = st
+                                .serial
+                                .and_then(|s| e.withdrawn_by_key.get(&s).copied())
+                                .unwrap_or(0);
+                            k["accounting"]["egd_served"] = serde_json::json!(served);
+                            k["accounting"]["egd_withdrawn"] = serde_json::json!(withdrawn);
+                        }
+                    }
+                    doc["egd"] = e.to_json();
+                }
+                if let Some(k) = &self.kernel {
+                    let k = k.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    // Per key: what the kernel accepted, and the credit.
+                    if let Some(keys) = doc["keys"].as_array_mut() {
+                        for (entry, st) in keys.iter_mut().zip(&snapshot) {
+                            let accepted = st
+                                .serial
+                                .and_then(|s| k.bytes_by_key.get(&s).copied())
+                                .unwrap_or(0);
+                            let withdrawn = st
+                                .serial
+                                .and_then(|s| k.withdrawn_by_key.get(&s).copied())
+                                .unwrap_or(0);
+                            let a = &mut entry["accounting"];
+                            a["kernel_accepted"] = serde_json::json!(accepted);
+                            a["kernel_withdrawn"] = serde_json::json!(withdrawn);
+                            a["kernel_bits_credited"] =
+                                serde_json::json!(accepted * u64::from(self.kernel_bits));
+                        }
+                    }
+                    doc["kernel"] = serde_json::json!({
+                        "mode": k.mode.to_string(),
+                        "bytes_written": k.bytes_written,
+                        "bits_credited": k.bits_credited,
+                        "ioctl_failures": k.ioctl_failures,
+                    });
+                }
+                format!("{doc}\n")
+            }
+            ("reload", "") => match self.reload() {
+                Ok(n) => format!("ok: keyring reloaded, {n} keys\n"),
+                Err(e) => format!("error: {e}\n"),
+            },
+            ("release", target) if !target.is_empty() => {
+                let held = self.holds(target);
+                self.released_tx.send_modify(|set| {
+                    Arc::make_mut(set).insert(target.to_owned());
+                });
+                if !held {
+                    return "ok: not held\n".into();
+                }
+                for _ in 0..100 {
+                    if !self.holds(target) {
+                        return "ok: released\n".into();
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // Not let go of: take the request back, or the key would
+                // stop the moment it did.
+                self.released_tx.send_modify(|set| {
+                    Arc::make_mut(set).remove(target);
+                });
+                "error: the key was not released in time\n".into()
+            }
+            ("resume", target) if !target.is_empty() => self.resume(target),
+            _ => format!("error: unknown command {command:?}\n"),
+        }
+    }
+
+    /// Takes a released key back, with the keyring re-read (it may hold
+    /// the key's new long-term key).
+    pub(crate) fn resume(&self, target: &str) -> String {
+        let reloaded = self.reload();
+        self.released_tx.send_modify(|set| {
+            Arc::make_mut(set).remove(target);
+        });
+        match reloaded {
+            Ok(n) => format!("ok: resumed, keyring reloaded ({n} keys)\n"),
+            Err(e) => format!("ok: resumed, but the keyring was not reloaded: {e}\n"),
+        }
+    }
+
+    /// Whether `target` is still released.
+    pub(crate) fn is_released(&self, target: &str) -> bool {
+        self.released_tx.borrow().contains(target)
+    }
+}
+
+/// What the control socket answers after a `release`: the key stays
+/// released while the client keeps the connection open (a `rekey` at
+/// work), and is taken back when it closes without a `resume` (a `rekey`
+/// that was killed).
+pub(crate) async fn hold_release(
+    stream: &mut tokio::net::UnixStream,
+    daemon: &Daemon,
+    target: &str,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 64];
+    while let Ok(n) = stream.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+    if daemon.is_released(target) {
+        info!("{target}: the client that asked for its release has gone; taking the key back");
+        let _ = daemon.resume(target);
+    }
+}
+
+pub(crate) async fn serve_control(listener: tokio::net::UnixListener, daemon: Daemon) {
+    let daemon = Arc::new(daemon);
+    loop {
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors or similar: do not spin.
+                tracing::debug!("control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        // One task per client: a slow client never holds up the others.
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let read =
+                tokio::time::timeout(Duration::from_secs(2), control::read_command(&mut stream));
+            let Ok(Ok(command)) = read.await else { return };
+            let answer = daemon.answer(&command).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), stream.write_all(answer.as_bytes()))
+                    .await;
+            if let Some(("release", target)) = command.split_once(' ')
+                && answer.starts_with("ok")
+            {
+                hold_release(&mut stream, &daemon, target.trim()).await;
+            }
+        });
+    }
+}
+
+/// Binds the control socket (`--control`, or the default path) and serves
+/// `daemon` on it. Returns the socket's path, to remove at the end; `None`
+/// when the default path cannot be bound (`status` will not work; an
+/// explicit `--control` that cannot be bound is an error).
+pub(crate) fn start_control(
+    control: Option<PathBuf>,
+    daemon: Daemon,
+) -> Result<Option<PathBuf>, String> {
+    let path = path_or_default(control.clone());
+    let listener = match bind(&path) {
+        Ok(l) => l,
+        Err(e) if control.is_some() => {
+            return Err(format!("control socket {}: {e}", path.display()));
+        }
+        Err(e) => {
+            tracing::warn!(
+                "no control socket ({}: {e}); `ekey-host status` will not work",
+                path.display()
+            );
+            return Ok(None);
+        }
+    };
+    tokio::spawn(serve_control(listener, daemon));
+    Ok(Some(path))
+}
