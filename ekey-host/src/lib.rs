@@ -37,3 +37,4 @@ pub mod metrics;
 pub mod outputs;
 pub mod rng;
 pub mod status;
+pub mod wipe;

@@ -152,10 +152,12 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use zeroize::{Zeroize, Zeroizing};
 
 use ekey_proto::keys::Serial;
 
 use crate::keys::driver::{GATE_CLOSINGS, GateCloses, any_gate_closed};
+use crate::wipe::WipeQueue;
 
 /// Most bytes a waiting client is granted per round-robin turn.
 pub const CHUNK: usize = 32;
@@ -433,21 +435,9 @@ pub(crate) trait ByteQueue {
     fn remove_range(&mut self, at: usize, n: usize);
 }
 
-impl ByteQueue for VecDeque<u8> {
+impl ByteQueue for WipeQueue {
     fn remove_range(&mut self, at: usize, n: usize) {
-        let end = (at + n).min(self.len());
-        for b in self.range_mut(at.min(end)..end) {
-            *b = 0;
-        }
-        self.drain(at.min(end)..end);
-    }
-}
-
-impl ByteQueue for Vec<u8> {
-    fn remove_range(&mut self, at: usize, n: usize) {
-        let end = (at + n).min(self.len());
-        self[at.min(end)..end].fill(0);
-        self.drain(at.min(end)..end);
+        WipeQueue::remove_range(self, at, n);
     }
 }
 
@@ -844,7 +834,7 @@ impl Refusal {
 #[derive(Default)]
 struct Hub {
     /// Bytes from the source not yet granted, oldest first.
-    pool: VecDeque<u8>,
+    pool: WipeQueue,
     /// The keys the pool's bytes came from.
     pool_keys: Runs,
     slots: HashMap<u64, Slot>,
@@ -875,7 +865,7 @@ struct Slot {
     /// Bytes the current blocking request still needs granted.
     want: usize,
     /// Granted, not yet written to the socket.
-    granted: VecDeque<u8>,
+    granted: WipeQueue,
     /// The keys the granted bytes came from.
     granted_keys: Runs,
     /// Pool bytes reserved for this client, in 1/[`SCALE`] bytes.
@@ -896,7 +886,7 @@ impl Slot {
             peer,
             share: share.max(1),
             want: 0,
-            granted: VecDeque::new(),
+            granted: WipeQueue::default(),
             granted_keys: Runs::default(),
             credit: 0,
             pending: 0,
@@ -944,7 +934,7 @@ impl Hub {
         let paid = slot.credit.min(n as u64 * SCALE);
         slot.credit -= paid;
         self.claimed -= paid;
-        slot.granted.extend(self.pool.drain(..n));
+        self.pool.move_front_to(n, &mut slot.granted);
         slot.granted_keys.extend_back(self.pool_keys.take_front(n));
         // Taking free bytes may leave the accounts holding more than the
         // pool; it cannot, as `n` ≤ credit + free, but stay safe.
@@ -1023,9 +1013,8 @@ impl Hub {
         } = slot;
         self.pool_keys
             .extend_front(granted_keys.take_front(granted.len()));
-        for b in granted.into_iter().rev() {
-            self.pool.push_front(b);
-        }
+        let back = Zeroizing::new(granted.iter().collect::<Vec<u8>>());
+        self.pool.prepend(&back);
         true
     }
 
@@ -1162,14 +1151,27 @@ impl Hub {
         closes: &GateCloses,
         stats: &Mutex<EgdStats>,
     ) -> usize {
-        let (data, key, epoch) = block;
+        let (mut data, key, epoch) = block;
+        let added = self.take_in_data(&data, key, epoch, closes, stats);
+        data.zeroize();
+        added
+    }
+
+    fn take_in_data(
+        &mut self,
+        data: &[u8; 32],
+        key: Serial,
+        epoch: u64,
+        closes: &GateCloses,
+        stats: &Mutex<EgdStats>,
+    ) -> usize {
         self.withdraw_closed(closes, stats);
         if any_gate_closed() && epoch < closes(&key) {
             let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
             *stats.withdrawn_by_key.entry(key).or_default() += data.len() as u64;
             return 0;
         }
-        self.pool.extend(data);
+        self.pool.extend_from_slice(data);
         self.pool_keys.push_back(key, data.len());
         self.pool_epoch.insert(key, epoch);
         data.len()
@@ -1626,10 +1628,7 @@ impl Client {
                     return Err(io::ErrorKind::NotConnected.into());
                 };
                 let k = slot.granted.len().min(count).min(buf.len());
-                for (dst, src) in buf.iter_mut().zip(slot.granted.iter().take(k)) {
-                    *dst = *src;
-                }
-                k
+                slot.granted.copy_front(&mut buf[..k])
             };
             if ready == 0 {
                 self.wake.notified().await;
@@ -1643,7 +1642,7 @@ impl Client {
             }
             let keys = match self.ctx.hub().slots.get_mut(&self.id) {
                 Some(slot) => {
-                    slot.granted.drain(..written);
+                    slot.granted.discard_front(written);
                     slot.granted_keys.take_front(written)
                 }
                 None => Vec::new(),
@@ -2153,27 +2152,39 @@ mod tests {
     #[test]
     fn withdrawing_a_key_cuts_its_runs_out_and_keeps_the_rest_in_order() {
         let (a, b) = (Serial([1; 12]), Serial([2; 12]));
-        let mut q: VecDeque<u8> = (0..96u8).collect();
+        let queue = |r: std::ops::Range<u8>| {
+            let mut q = WipeQueue::default();
+            q.extend_from_slice(&r.collect::<Vec<u8>>());
+            q
+        };
+        let mut q = queue(0..96);
         let mut runs = Runs::default();
         runs.push_back(a, 32);
         runs.push_back(b, 32);
         runs.push_back(a, 32);
         let removed = runs.withdraw(&mut q, |k| *k == a);
         assert_eq!(removed, vec![(a, 32), (a, 32)]);
-        assert_eq!(q, (32..64u8).collect::<VecDeque<u8>>());
+        assert_eq!(
+            q.iter().collect::<Vec<u8>>(),
+            (32..64u8).collect::<Vec<u8>>()
+        );
         assert_eq!(runs.take_front(100), vec![(b, 32)]);
 
-        let mut v: Vec<u8> = (0..96u8).collect();
+        let mut v = queue(0..96);
         let mut runs = Runs::default();
         runs.push_back(b, 40);
         runs.push_back(a, 16);
         runs.push_back(b, 40);
         let removed = runs.withdraw(&mut v, |k| *k == a);
         assert_eq!(removed, vec![(a, 16)]);
-        assert_eq!(v, (0..40u8).chain(56..96).collect::<Vec<u8>>());
+        let kept: Vec<u8> = (0..40u8).chain(56..96).collect();
+        assert_eq!(v.iter().collect::<Vec<u8>>(), kept);
         // Nothing of the key: nothing moves.
         assert!(runs.withdraw(&mut v, |k| *k == a).is_empty());
         assert_eq!(v.len(), 80);
+        // The withdrawn bytes left no copy behind.
+        let live = v.len();
+        assert_eq!(v.storage().iter().filter(|&&x| x != 0).count(), live - 1);
     }
 
     #[test]
@@ -2296,12 +2307,13 @@ mod tests {
             hub.slots.insert(id, slot);
             hub.waiters.push_back(id);
         }
-        hub.pool.extend(0..=255u8);
-        hub.pool.extend(0..100u8);
+        hub.pool
+            .extend_from_slice(&(0..=255u8).collect::<Vec<u8>>());
+        hub.pool.extend_from_slice(&(0..100u8).collect::<Vec<u8>>());
         let now = Instant::now();
         assert_eq!(hub.distribute(now), None);
         // Chunks of 32 in turn: 1 gets 0..32, 2 gets 32..64, 3 gets 64..96, ...
-        let g1: Vec<u8> = hub.slots[&1].granted.iter().copied().collect();
+        let g1: Vec<u8> = hub.slots[&1].granted.iter().collect();
         assert_eq!(g1[..32], (0..32).collect::<Vec<u8>>()[..]);
         assert_eq!(g1[32..64], (96..128).collect::<Vec<u8>>()[..]);
         assert!(
@@ -2328,7 +2340,7 @@ mod tests {
         slot.want = 64;
         hub.slots.insert(1, slot);
         hub.waiters.push_back(1);
-        hub.pool.extend([0u8; 64]);
+        hub.pool.extend_from_slice(&[0u8; 64]);
         let wake = hub.distribute(now).expect("a wake-up time");
         let ms = (wake - now).as_millis();
         assert!((32..=34).contains(&ms), "{ms} ms");
@@ -2347,7 +2359,7 @@ mod tests {
 
     /// Feeds `bytes` into the hub's pool as one intake and credits them.
     fn intake(hub: &mut Hub, bytes: usize, now: Instant) {
-        hub.pool.extend(std::iter::repeat_n(0u8, bytes));
+        hub.pool.extend_from_slice(&vec![0u8; bytes]);
         hub.pool_keys.push_back(key_of(0), bytes);
         hub.credit(bytes, now, 16 * 1024);
     }
@@ -2367,7 +2379,7 @@ mod tests {
     fn drain(hub: &mut Hub, id: u64) -> usize {
         let slot = hub.slots.get_mut(&id).unwrap();
         let n = slot.granted.len();
-        slot.granted.clear();
+        slot.granted.discard_front(n);
         slot.granted_keys.take_front(n);
         if slot.want == 0 && n > 0 {
             slot.pending = 0;
@@ -2515,7 +2527,7 @@ mod tests {
         let before: Vec<u64> = (1..=3).map(|id| hub.slots[&id].credit).collect();
         assert!(before.iter().all(|&c| c > 0));
         // Most of the pool withdrawn: the accounts shrink in proportion.
-        hub.pool.drain(..2900);
+        hub.pool.discard_front(2900);
         hub.fit_credit();
         books(&hub);
         assert!(hub.claimed <= 100 * SCALE);

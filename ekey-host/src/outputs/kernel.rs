@@ -39,6 +39,8 @@ use nix::libc;
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::wipe::WipeQueue;
+
 use crate::keys::driver::GateCloses;
 
 /// Largest number of bytes passed to the kernel in one ioctl.
@@ -395,26 +397,27 @@ impl Withdrawals {
     fn take_in(
         &mut self,
         block: KeyBlock,
-        pending: &mut Vec<u8>,
+        pending: &mut WipeQueue,
         keys: &mut crate::outputs::egd::Runs,
         closes: &GateCloses,
     ) {
-        let (data, key, epoch) = block;
+        let (mut data, key, epoch) = block;
         self.check(pending, keys, closes);
         if crate::keys::driver::any_gate_closed() && epoch < closes(&key) {
             *self.by_key.entry(key).or_default() += data.len() as u64;
-            return;
+        } else {
+            pending.extend_from_slice(&data);
+            keys.push_back(key, data.len());
+            self.epoch.insert(key, epoch);
         }
-        pending.extend_from_slice(&data);
-        keys.push_back(key, data.len());
-        self.epoch.insert(key, epoch);
+        data.zeroize();
     }
 
     /// After any gate closed: drops waiting bytes released before their
     /// key's gate last closed.
     fn check(
         &mut self,
-        pending: &mut Vec<u8>,
+        pending: &mut WipeQueue,
         keys: &mut crate::outputs::egd::Runs,
         closes: &GateCloses,
     ) {
@@ -448,14 +451,14 @@ pub async fn run_with(
     let mut feeder = KernelFeeder::new(config, Instant::now(), sink.initialised());
     tracing::info!("kernel: {}", feeder.mode());
     *stats.lock().unwrap_or_else(|e| e.into_inner()) = feeder.stats().clone();
-    // Room for the most it ever holds (a request and a block), so that it
-    // never moves: a move would leave an unwiped copy behind.
+    // Room for the most it usually holds (a request and a block); it wipes
+    // what leaves it, and its old buffer if it ever grows.
     let most = feeder
         .config
         .chunk()
         .max(feeder.config.bytes_per_interval())
         + 32;
-    let mut pending = Zeroizing::new(Vec::<u8>::with_capacity(most));
+    let mut pending = WipeQueue::with_capacity(most);
     let mut pending_keys = crate::outputs::egd::Runs::default();
     let mut by_key = std::collections::BTreeMap::new();
     let mut withdrawn = Withdrawals::default();
@@ -495,7 +498,9 @@ pub async fn run_with(
             continue;
         }
         let take = want.min(pending.len());
-        let bytes = Zeroizing::new(pending.drain(..take).collect::<Vec<u8>>());
+        let mut bytes = Zeroizing::new(vec![0u8; take]);
+        pending.copy_front(&mut bytes);
+        pending.discard_front(take);
         let before = feeder.mode().clone();
         // One write per piece, so that each key is booked only the bytes
         // the kernel accepted.
