@@ -99,11 +99,33 @@ impl ekey_proto::rng::Clock for Clock {
 /// A key as an RNG: see the module docs.
 pub type KeyRng = EntropyKeyRng<BlockingLink, KeyringLookup, getrandom::SysRng, Clock, Gate>;
 
+/// Why a key cannot be opened as an RNG.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The keyring cannot be read.
+    #[error(transparent)]
+    Keyring(#[from] crate::keyring::KeyringError),
+    /// The device (a path, or a USB key) cannot be opened or set up.
+    #[error("{what}: {source}")]
+    Device {
+        /// The path, or the USB key's description.
+        what: String,
+        /// What failed.
+        source: io::Error,
+    },
+    /// No key on USB.
+    #[error("no Entropy Key (USB 20df:0001) is attached")]
+    NoKey,
+    /// More than one key on USB and no device named.
+    #[error("several keys are attached: name one with a device path")]
+    SeveralKeys,
+}
+
 /// Opens a key as an RNG: `device` (a tty or Unix socket), or else the one
 /// key on USB; long-term keys from the keyring at `keyring`; the daemon's
 /// default health gate.
-pub fn open(device: Option<&Path>, keyring: &Path) -> Result<KeyRng, String> {
-    let ring = Keyring::load(keyring).map_err(|e| e.to_string())?;
+pub fn open(device: Option<&Path>, keyring: &Path) -> Result<KeyRng, OpenError> {
+    let ring = Keyring::load(keyring)?;
     let link = match device {
         Some(path) => open_path(path)?,
         None => open_usb()?,
@@ -120,7 +142,7 @@ pub fn open(device: Option<&Path>, keyring: &Path) -> Result<KeyRng, String> {
 /// [`open`] from command-line arguments `[DEVICE [KEYRING]]` (as the
 /// examples take them): no device means the key on USB, no keyring the
 /// system one.
-pub fn open_from_args(mut args: impl Iterator<Item = String>) -> Result<KeyRng, String> {
+pub fn open_from_args(mut args: impl Iterator<Item = String>) -> Result<KeyRng, OpenError> {
     let device = args.next();
     let keyring = args
         .next()
@@ -128,13 +150,16 @@ pub fn open_from_args(mut args: impl Iterator<Item = String>) -> Result<KeyRng, 
     open(device.as_deref().map(Path::new), Path::new(&keyring))
 }
 
-fn open_path(path: &Path) -> Result<BlockingLink, String> {
+fn open_path(path: &Path) -> Result<BlockingLink, OpenError> {
+    let at = |source: io::Error| OpenError::Device {
+        what: path.display().to_string(),
+        source,
+    };
     use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(at)?;
     if meta.file_type().is_socket() {
-        let s = std::os::unix::net::UnixStream::connect(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        s.set_read_timeout(Some(POLL)).map_err(|e| e.to_string())?;
+        let s = std::os::unix::net::UnixStream::connect(path).map_err(at)?;
+        s.set_read_timeout(Some(POLL)).map_err(at)?;
         return Ok(BlockingLink {
             inner: Box::new(s),
             zero_is_timeout: false,
@@ -144,15 +169,15 @@ fn open_path(path: &Path) -> Result<BlockingLink, String> {
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    crate::keys::transport::set_raw(&f).map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(at)?;
+    crate::keys::transport::set_raw(&f).map_err(at)?;
     // Reads return after POLL with whatever came, possibly nothing.
-    let mut t = nix::sys::termios::tcgetattr(&f).map_err(|e| e.to_string())?;
+    let mut t = nix::sys::termios::tcgetattr(&f).map_err(|e| at(e.into()))?;
     t.control_chars[nix::sys::termios::SpecialCharacterIndices::VMIN as usize] = 0;
     t.control_chars[nix::sys::termios::SpecialCharacterIndices::VTIME as usize] =
         (POLL.as_millis() / 100) as u8;
     nix::sys::termios::tcsetattr(&f, nix::sys::termios::SetArg::TCSANOW, &t)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| at(e.into()))?;
     Ok(BlockingLink {
         inner: Box::new(f),
         zero_is_timeout: true,
@@ -180,28 +205,27 @@ impl Write for UsbLink {
     }
 }
 
-fn open_usb() -> Result<BlockingLink, String> {
-    let keys = usb::list_blocking().map_err(|e| e.to_string())?;
+fn open_usb() -> Result<BlockingLink, OpenError> {
+    let on = |what: String| move |source: io::Error| OpenError::Device { what, source };
+    let keys = usb::list_blocking().map_err(on("USB".into()))?;
     let info = match keys.as_slice() {
-        [] => return Err("no Entropy Key (USB 20df:0001) is attached".into()),
+        [] => return Err(OpenError::NoKey),
         [one] => one,
-        _ => return Err("several keys are attached: name one with a device path".into()),
+        _ => return Err(OpenError::SeveralKeys),
     };
-    let dev = info
-        .open()
-        .wait()
-        .map_err(|e| format!("{}: {e}", usb::describe(info)))?;
-    let data = usb::find_data_interface(&dev).map_err(|e| e.to_string())?;
+    let what = usb::describe(info);
+    let dev = info.open().wait().map_err(|e| on(what.clone())(e.into()))?;
+    let data = usb::find_data_interface(&dev).map_err(on(what.clone()))?;
     let intf = dev
         .detach_and_claim_interface(data.interface)
         .wait()
-        .map_err(|e| format!("{}: {e}", usb::describe(info)))?;
+        .map_err(|e| on(what.clone())(e.into()))?;
     let ep_in = intf
         .endpoint::<Bulk, In>(data.ep_in)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| on(what.clone())(e.into()))?;
     let ep_out = intf
         .endpoint::<Bulk, Out>(data.ep_out)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| on(what.clone())(e.into()))?;
     let mps = ep_in.max_packet_size().max(64);
     let reader = ep_in
         .reader(mps)

@@ -66,7 +66,7 @@ pub(crate) async fn emulate(args: EmulateArgs) -> Result<(), String> {
         key.script_noise(&hex::decode(h.trim()).map_err(|e| format!("--noise-prefix: {e}"))?);
     }
     let mut rec: Option<Box<dyn Write + Send>> = match &record {
-        Some(p) => Some(Box::new(create_private(p)?)),
+        Some(p) => Some(Box::new(create_private(p).map_err(|e| e.to_string())?)),
         None => None,
     };
     let slot = soft::slot_for_rate(rate);

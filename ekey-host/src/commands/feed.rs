@@ -308,7 +308,7 @@ struct Options {
 impl FeedArgs {
     fn options(&self) -> Result<Options, String> {
         let config = KernelConfig::new(self.bits_per_byte)
-            .map_err(|e| e.replace("--kernel", "--bits-per-byte"))?
+            .map_err(|e| e.to_string().replace("--kernel", "--bits-per-byte"))?
             .with_pace(usize::from(self.bytes_per_interval), self.interval)
             .map_err(|_| "--interval and --bytes-per-interval must be non-zero".to_string())?;
         if self.retry_min.is_zero() {

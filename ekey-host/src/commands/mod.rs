@@ -54,7 +54,9 @@ pub fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run { keys, outputs } => run(keys, *outputs, None).await,
+            Command::Run { keys, outputs } => {
+                run(keys, *outputs, None).await.map_err(|e| e.to_string())
+            }
             Command::Status { json, control } => status_command(json, &control).await,
             Command::List { keyring } => list_command(&keyring).await,
             Command::Read {
@@ -68,7 +70,9 @@ pub fn main() -> ExitCode {
                     limit: Some(count),
                     ..Outputs::default()
                 };
-                run(keys, outputs, Some(Duration::from_secs(timeout))).await
+                run(keys, outputs, Some(Duration::from_secs(timeout)))
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Command::Test {
                 blocks,
@@ -81,7 +85,9 @@ pub fn main() -> ExitCode {
                 };
                 let timeout =
                     timeout.unwrap_or_else(|| blocks.saturating_mul(2).saturating_add(30));
-                run(keys, outputs, Some(Duration::from_secs(timeout))).await
+                run(keys, outputs, Some(Duration::from_secs(timeout)))
+                    .await
+                    .map_err(|e| e.to_string())
             }
             Command::Emulate(args) => emulate(args).await,
             Command::Feed(args) => crate::commands::feed::main(args).await,

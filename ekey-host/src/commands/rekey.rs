@@ -169,7 +169,11 @@ pub(crate) async fn rekey_command(args: RekeyArgs) -> Result<(), String> {
                 ));
             }
             // No daemon listening there: nothing holds the key.
-            Err(e) if e.contains("No such file") || e.contains("Connection refused") => {}
+            Err(control::ControlError::Unreachable { source, .. })
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) => {}
             Err(e) => {
                 return Err(format!(
                     "cannot ask the running daemon to let go of the key: {e}"

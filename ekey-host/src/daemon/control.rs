@@ -59,52 +59,69 @@ pub async fn read_command(stream: &mut UnixStream) -> io::Result<String> {
     Ok(line.trim().to_owned())
 }
 
+/// Why the daemon could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Nothing listens at the control socket.
+    #[error(
+        "cannot reach the daemon at {}: {source} (is `ekey-host run` running? see --control)",
+        path.display()
+    )]
+    Unreachable {
+        /// The control socket.
+        path: PathBuf,
+        /// Why connecting failed.
+        source: io::Error,
+    },
+    /// The exchange failed half way.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// No answer within 15 s.
+    #[error("the daemon at {} does not answer", .0.display())]
+    NoAnswer(PathBuf),
+}
+
 /// Connects to the daemon at `path` and sends `command`.
-async fn send(path: &Path, command: &str) -> Result<UnixStream, String> {
-    let mut s = UnixStream::connect(path).await.map_err(|e| {
-        format!(
-            "cannot reach the daemon at {}: {e} (is `ekey-host run` running? see --control)",
-            path.display()
-        )
-    })?;
-    s.write_all(format!("{command}\n").as_bytes())
+async fn send(path: &Path, command: &str) -> Result<UnixStream, ControlError> {
+    let mut s = UnixStream::connect(path)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| ControlError::Unreachable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    s.write_all(format!("{command}\n").as_bytes()).await?;
     Ok(s)
 }
 
 /// Sends `command` to the daemon at `path` and returns its answer.
-pub async fn request(path: &Path, command: &str) -> Result<String, String> {
+pub async fn request(path: &Path, command: &str) -> Result<String, ControlError> {
     let exchange = async {
         let mut s = send(path, command).await?;
         let mut answer = String::new();
-        s.read_to_string(&mut answer)
-            .await
-            .map_err(|e| e.to_string())?;
+        s.read_to_string(&mut answer).await?;
         Ok(answer)
     };
     tokio::time::timeout(std::time::Duration::from_secs(15), exchange)
         .await
-        .map_err(|_| format!("the daemon at {} does not answer", path.display()))?
+        .map_err(|_| ControlError::NoAnswer(path.to_path_buf()))?
 }
 
 /// Sends `command` to the daemon at `path` and reads its one-line answer,
 /// keeping the connection open: for `release`, which lasts until the
 /// connection closes (so a `rekey` that dies gives the key back).
-pub async fn hold(path: &Path, command: &str) -> Result<(String, UnixStream), String> {
+pub async fn hold(path: &Path, command: &str) -> Result<(String, UnixStream), ControlError> {
     let exchange = async {
         let mut s = send(path, command).await?;
         let mut answer = String::new();
         BufReader::new(&mut s)
             .take(MAX_ANSWER_LINE)
             .read_line(&mut answer)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok((answer, s))
     };
     tokio::time::timeout(std::time::Duration::from_secs(15), exchange)
         .await
-        .map_err(|_| format!("the daemon at {} does not answer", path.display()))?
+        .map_err(|_| ControlError::NoAnswer(path.to_path_buf()))?
 }
 
 /// Longest one-line answer [`hold`] reads.
@@ -145,7 +162,7 @@ pub(crate) struct Daemon {
 }
 
 impl Daemon {
-    pub(crate) fn reload(&self) -> Result<usize, String> {
+    pub(crate) fn reload(&self) -> Result<usize, crate::keyring::KeyringError> {
         reload_keyring(
             &self.ring,
             &self.keyring_path,
@@ -328,12 +345,12 @@ pub(crate) async fn serve_control(listener: tokio::net::UnixListener, daemon: Da
 pub(crate) fn start_control(
     control: Option<PathBuf>,
     daemon: Daemon,
-) -> Result<Option<PathBuf>, String> {
+) -> Result<Option<PathBuf>, super::Error> {
     let path = path_or_default(control.clone());
     let listener = match bind(&path) {
         Ok(l) => l,
         Err(e) if control.is_some() => {
-            return Err(format!("control socket {}: {e}", path.display()));
+            return Err(super::Error::Control { path, source: e });
         }
         Err(e) => {
             tracing::warn!(

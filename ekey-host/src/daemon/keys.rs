@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::daemon::Ctx;
+use crate::daemon::Error;
 use crate::daemon::KeySources;
 use crate::daemon::SharedStatuses;
 use crate::daemon::Write;
@@ -287,7 +288,7 @@ pub(crate) async fn start_keys(
     keys: &KeySources,
     ctx: Ctx,
     statuses: &SharedStatuses,
-) -> Result<usize, String> {
+) -> Result<usize, Error> {
     for path in &keys.devices {
         let status = add_status(statuses, path.display().to_string(), None, ctx.gate);
         tokio::spawn(keep_device(path.clone(), ctx.clone(), status));
@@ -303,7 +304,7 @@ pub(crate) async fn start_keys(
 }
 
 /// The built-in software key (`--emulate`), over an in-process pipe.
-fn start_emulated(keys: &KeySources, ctx: &Ctx, statuses: &SharedStatuses) -> Result<(), String> {
+fn start_emulated(keys: &KeySources, ctx: &Ctx, statuses: &SharedStatuses) -> Result<(), Error> {
     let status = add_status(statuses, "built-in software key".into(), None, ctx.gate);
     let (host_end, mut key_end) = tokio::io::duplex(4096);
     let slot = soft::slot_for_rate(keys.rate);
@@ -332,18 +333,16 @@ fn start_emulated(keys: &KeySources, ctx: &Ctx, statuses: &SharedStatuses) -> Re
 
 /// Keys on USB: every one attached now, and (for the daemon, not `read`)
 /// every one plugged in later, from hot-plug events and a rescan.
-async fn start_usb(ctx: &Ctx, statuses: &SharedStatuses) -> Result<(), String> {
+async fn start_usb(ctx: &Ctx, statuses: &SharedStatuses) -> Result<(), Error> {
     let watch = if ctx.is_read {
         None
     } else {
-        Some(usb::watch().map_err(|e| format!("cannot watch USB hot-plug events: {e}"))?)
+        Some(usb::watch().map_err(Error::UsbWatch)?)
     };
-    let found = usb::list().await.map_err(|e| {
-        format!("{e}; to use a key on a tty or socket give --device PATH, or --emulate for the built-in software key")
-    })?;
+    let found = usb::list().await.map_err(Error::UsbList)?;
     if found.is_empty() {
         if ctx.is_read {
-            return Err("no key found: no Entropy Key (USB 20df:0001) is attached".into());
+            return Err(Error::NoKey);
         }
         info!("no Entropy Key attached yet: waiting for one to be plugged in");
     }

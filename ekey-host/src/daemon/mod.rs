@@ -25,6 +25,7 @@ use crate::keys::driver::{self, Block, KeyStatus, SharedStatus};
 use crate::keys::soft::{DEMO_SERIAL, demo_long_term_key};
 use crate::metrics;
 use crate::outputs::egd;
+use crate::outputs::file::FileError;
 use crate::outputs::file::Output;
 use crate::outputs::file::open_output;
 use crate::outputs::kernel;
@@ -37,9 +38,70 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 /// The keyring lookups the sessions use; reloadable.
+/// Why the daemon (or `read`, or `test`) could not start or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An output could not start.
+    #[error(transparent)]
+    Output(#[from] crate::outputs::Error),
+    /// `--output` or `--record` cannot be used.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The keyring cannot be read.
+    #[error(transparent)]
+    Keyring(#[from] keyring::KeyringError),
+    /// A bad health-gate setting (the message names the flag).
+    #[error("{0}")]
+    Health(String),
+    /// `--kernel` with `--emulate`.
+    #[error(
+        "--kernel with --emulate would credit the kernel with bytes from its own \
+         generator (the built-in software key's noise): refused"
+    )]
+    KernelWithEmulate,
+    /// USB hot-plug events cannot be watched.
+    #[error("cannot watch USB hot-plug events: {0}")]
+    UsbWatch(io::Error),
+    /// USB devices cannot be listed.
+    #[error(
+        "{0}; to use a key on a tty or socket give --device PATH, or --emulate for the built-in software key"
+    )]
+    UsbList(io::Error),
+    /// `read` or `test` found no key on USB.
+    #[error("no key found: no Entropy Key (USB 20df:0001) is attached")]
+    NoKey,
+    /// An explicit `--control` socket cannot be bound.
+    #[error("control socket {}: {source}", path.display())]
+    Control { path: PathBuf, source: io::Error },
+    /// The metrics address cannot be bound.
+    #[error("--metrics {addr}: {source}")]
+    Metrics { addr: String, source: io::Error },
+    /// A signal cannot be watched.
+    #[error("cannot watch {name}: {source}")]
+    Signal {
+        name: &'static str,
+        source: io::Error,
+    },
+    /// The kernel output ended.
+    #[error("the kernel output stopped (see the log)")]
+    KernelStopped,
+    /// `--output` failed.
+    #[error("cannot write output: {0}")]
+    Write(io::Error),
+    /// `read` was interrupted before its count.
+    #[error("interrupted after {written} of {limit} bytes")]
+    Interrupted { written: u64, limit: u64 },
+    /// `read` ended short: the keys' reasons, joined.
+    #[error("{0}")]
+    Short(String),
+    /// `test` did not pass (the report says why).
+    #[error("{0}")]
+    Test(String),
+}
+
 pub(crate) type SharedKeyring = Arc<RwLock<Keyring>>;
 
-pub(crate) fn load_keyring(keys: &KeySources) -> Result<Keyring, String> {
+pub(crate) fn load_keyring(keys: &KeySources) -> Result<Keyring, Error> {
     let explicit = keys.keyring.as_path() != Path::new(keyring::DEFAULT_PATH);
     let mut ring = match Keyring::load(&keys.keyring) {
         Ok(r) => r,
@@ -58,7 +120,7 @@ pub(crate) fn load_keyring(keys: &KeySources) -> Result<Keyring, String> {
             );
             Keyring::new()
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     if let Ok(Some(w)) = keyring::check_permissions(&keys.keyring) {
         warn!("{w}");
@@ -75,8 +137,8 @@ pub(crate) fn reload_keyring(
     path: &Path,
     emulate: bool,
     reload_tx: &tokio::sync::watch::Sender<u64>,
-) -> Result<usize, String> {
-    let mut fresh = Keyring::load(path).map_err(|e| e.to_string())?;
+) -> Result<usize, keyring::KeyringError> {
+    let mut fresh = Keyring::load(path)?;
     if emulate && !fresh.contains(&DEMO_SERIAL) {
         fresh.set(DEMO_SERIAL, demo_long_term_key());
     }
@@ -163,8 +225,8 @@ struct Channels {
 
 /// The health gate's settings: the command line's, with the SP 800-90B
 /// cutoffs for the credit `--kernel` gives.
-fn gate_for(keys: &KeySources, outputs: &Outputs) -> Result<GateConfig, String> {
-    let mut gate = keys.health.gate_config()?;
+fn gate_for(keys: &KeySources, outputs: &Outputs) -> Result<GateConfig, Error> {
+    let mut gate = keys.health.gate_config().map_err(Error::Health)?;
     if let Some(bits) = outputs.kernel {
         // The SP 800-90B tests check the min-entropy we credit: cutoffs
         // for the credited bits per byte (α = 2⁻⁴⁰, W = 512; see
@@ -222,16 +284,12 @@ struct Started {
 }
 
 /// Starts the outputs, the keys, the control socket and the metrics.
-async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<Started, String> {
+async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<Started, Error> {
     let statuses: SharedStatuses = Arc::new(Mutex::new(Vec::new()));
     let closes = gate_closes(&statuses);
     let (egd_tx, egd_stats, egd_unix_path) = start_egd(outputs, closes.clone()).await?;
     if outputs.kernel.is_some() && keys.emulate {
-        return Err(
-            "--kernel with --emulate would credit the kernel with bytes from its own \
-                    generator (the built-in software key's noise): refused"
-                .into(),
-        );
+        return Err(Error::KernelWithEmulate);
     }
     let (kernel_tx, kernel_stats) = start_kernel(outputs, closes)?;
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(keys)?));
@@ -291,10 +349,11 @@ async fn start_metrics(
     kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
     file: Option<Arc<std::sync::atomic::AtomicU64>>,
     kernel_bits_per_byte: u8,
-) -> Result<(), String> {
-    let listener = egd::bind_tcp(addr)
-        .await
-        .map_err(|e| format!("--metrics {addr}: {e}"))?;
+) -> Result<(), Error> {
+    let listener = egd::bind_tcp(addr).await.map_err(|source| Error::Metrics {
+        addr: addr.to_string(),
+        source,
+    })?;
     if let Ok(a) = listener.local_addr() {
         info!("metrics on http://{a}/metrics");
     }
@@ -341,7 +400,7 @@ struct Loop {
 }
 
 impl Loop {
-    fn new(outputs: &Outputs, read_timeout: Option<Duration>) -> Result<Self, String> {
+    fn new(outputs: &Outputs, read_timeout: Option<Duration>) -> Result<Self, Error> {
         let is_read = read_timeout.is_some();
         // systemd (Type=notify): READY=1 once a key is keyed (or at once with
         // --no-wait), WATCHDOG=1 from this loop while it turns, STATUS= lines.
@@ -350,8 +409,8 @@ impl Loop {
         let mut notify_tick = tokio::time::interval(period.unwrap_or(Duration::from_secs(5)));
         notify_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let t0 = tokio::time::Instant::now();
-        let watch = |kind: SignalKind, name: &str| {
-            signal(kind).map_err(|e| format!("cannot watch {name}: {e}"))
+        let watch = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|source| Error::Signal { name, source })
         };
         Ok(Self {
             gate_tick: tokio::time::interval(Duration::from_millis(250)),
@@ -404,7 +463,7 @@ async fn main_loop(
     keys: &KeySources,
     outputs: &Outputs,
     read_timeout: Option<Duration>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, Error> {
     let is_read = read_timeout.is_some();
     let live = io::stderr().is_terminal() && !is_read;
     let mut l = Loop::new(outputs, read_timeout)?;
@@ -414,7 +473,7 @@ async fn main_loop(
             turn = s.dispatch.turn() => match turn {
                 Turn::Moved => {}
                 Turn::Ended => break,
-                Turn::KernelStopped => return Err("the kernel output stopped (see the log)".into()),
+                Turn::KernelStopped => return Err(Error::KernelStopped),
             },
             _ = l.gate_tick.tick(), if is_read => {
                 if read_check(s, outputs.test_blocks, &mut outcome) {
@@ -480,7 +539,7 @@ pub(crate) async fn run(
     keys: KeySources,
     outputs: Outputs,
     read_timeout: Option<Duration>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let is_read = read_timeout.is_some();
     let mut s = start(&keys, &outputs, is_read).await?;
     let mut outcome = main_loop(&mut s, &keys, &outputs, read_timeout).await?;
@@ -495,7 +554,7 @@ pub(crate) async fn run(
         let _ = std::fs::remove_file(p);
     }
     if let Some(e) = output_error {
-        return Err(format!("cannot write output: {e}"));
+        return Err(Error::Write(e));
     }
     while let Ok((source, reason)) = s.fail_rx.try_recv() {
         outcome.failures.insert(source, reason);
@@ -508,7 +567,8 @@ pub(crate) async fn run(
             outcome.tested,
             outcome.interrupted,
             outcome.failures,
-        );
+        )
+        .map_err(Error::Test);
     }
     if is_read && outputs.limit.is_some_and(|l| written < l) {
         // Nothing verified arrived: leave no empty file behind.
@@ -519,14 +579,14 @@ pub(crate) async fn run(
         }
         if outcome.interrupted {
             let limit = outputs.limit.unwrap_or(0);
-            return Err(format!("interrupted after {written} of {limit} bytes"));
+            return Err(Error::Interrupted { written, limit });
         }
         let reasons: Vec<String> = outcome.failures.into_values().collect();
-        return Err(if reasons.is_empty() {
+        return Err(Error::Short(if reasons.is_empty() {
             "the keys stopped before delivering enough entropy".into()
         } else {
             reasons.join("; ")
-        });
+        }));
     }
     Ok(())
 }

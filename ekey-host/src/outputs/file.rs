@@ -1,7 +1,7 @@
 //! `--output FILE|-`: verified bytes to a file or stdout.
 
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -37,7 +37,24 @@ pub(crate) fn write_batch(
     Ok(())
 }
 
-pub(crate) fn open_output(output: Option<&Path>) -> Result<Option<Output>, String> {
+/// Why the `--output` file (or a `--record` file) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// It cannot be created or opened.
+    #[error("cannot create {}: {source}", path.display())]
+    Create { path: PathBuf, source: io::Error },
+    /// Its metadata cannot be read.
+    #[error("cannot inspect {}: {source}", path.display())]
+    Inspect { path: PathBuf, source: io::Error },
+    /// It cannot be made private.
+    #[error("cannot make {} private (chmod 600): {source}", path.display())]
+    Chmod { path: PathBuf, source: io::Error },
+    /// The thread that writes a pipe or terminal cannot start.
+    #[error("cannot start the output thread: {0}")]
+    Thread(io::Error),
+}
+
+pub(crate) fn open_output(output: Option<&Path>) -> Result<Option<Output>, FileError> {
     let (mut w, regular): (Box<dyn Write + Send>, bool) = match output {
         None => return Ok(None),
         Some(p) if p.as_os_str() == "-" => {
@@ -79,7 +96,7 @@ pub(crate) fn open_output(output: Option<&Path>) -> Result<Option<Output>, Strin
                 }
                 let _ = done_tx.send(result.and_then(|()| w.flush()));
             })
-            .map_err(|e| format!("cannot start the output thread: {e}"))?;
+            .map_err(FileError::Thread)?;
     }
     Ok(Some(Output { tx, done, written }))
 }
@@ -87,7 +104,8 @@ pub(crate) fn open_output(output: Option<&Path>) -> Result<Option<Output>, Strin
 /// Creates (or truncates) `path` readable by its owner only: what goes in
 /// is entropy. An existing regular file is made 0600 before anything is
 /// written; a device or pipe (`/dev/stdout`, a FIFO) is left as it is.
-pub(crate) fn create_private(path: &Path) -> Result<std::fs::File, String> {
+pub(crate) fn create_private(path: &Path) -> Result<std::fs::File, FileError> {
+    let path_buf = || path.to_path_buf();
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -95,13 +113,20 @@ pub(crate) fn create_private(path: &Path) -> Result<std::fs::File, String> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot inspect {}: {e}", path.display()))?;
+        .map_err(|source| FileError::Create {
+            path: path_buf(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| FileError::Inspect {
+        path: path_buf(),
+        source,
+    })?;
     if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot make {} private (chmod 600): {e}", path.display()))?;
+            .map_err(|source| FileError::Chmod {
+                path: path_buf(),
+                source,
+            })?;
     }
     Ok(file)
 }

@@ -79,14 +79,23 @@ impl Default for KernelConfig {
     }
 }
 
+/// A kernel output setting out of range.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// More than 8 bits credited per byte.
+    #[error("--kernel: {0} bits per byte is out of range (0..=8)")]
+    BitsPerByte(u8),
+    /// A zero interval or zero bytes per interval.
+    #[error("the interval and the bytes per interval must be non-zero")]
+    ZeroPace,
+}
+
 impl KernelConfig {
     /// The defaults with `bits_per_byte` credited per byte; rejects values
     /// above 8.
-    pub fn new(bits_per_byte: u8) -> Result<Self, String> {
+    pub fn new(bits_per_byte: u8) -> Result<Self, ConfigError> {
         if bits_per_byte > 8 {
-            return Err(format!(
-                "--kernel: {bits_per_byte} bits per byte is out of range (0..=8)"
-            ));
+            return Err(ConfigError::BitsPerByte(bits_per_byte));
         }
         Ok(KernelConfig {
             bits_per_byte,
@@ -99,9 +108,9 @@ impl KernelConfig {
         mut self,
         bytes_per_interval: usize,
         interval: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ConfigError> {
         if bytes_per_interval == 0 || interval.is_zero() {
-            return Err("the interval and the bytes per interval must be non-zero".into());
+            return Err(ConfigError::ZeroPace);
         }
         self.bytes_per_interval = bytes_per_interval;
         self.interval = interval;
@@ -572,6 +581,8 @@ mod tests {
     fn bits_per_byte_validated() {
         for bad in [9, 200] {
             let err = KernelConfig::new(bad).unwrap_err();
+            assert_eq!(err, ConfigError::BitsPerByte(bad));
+            let err = err.to_string();
             assert!(err.contains("out of range (0..=8)"), "{err}");
             assert!(err.contains(&bad.to_string()), "{err}");
         }

@@ -4,6 +4,7 @@ pub mod egd;
 pub mod file;
 pub mod kernel;
 
+use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +12,32 @@ use crate::cli::Outputs;
 use crate::keys::driver::{self};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+
+/// Why an output cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The EGD TCP address cannot be bound.
+    #[error("--egd-tcp {addr}: {source}")]
+    EgdTcp { addr: String, source: io::Error },
+    /// `--egd-mode` is not an octal mode.
+    #[error("--egd-mode {0}: an octal mode such as 600 or 660")]
+    EgdMode(String),
+    /// The EGD Unix socket cannot be bound.
+    #[error("--egd-unix {}: {source}", path.display())]
+    EgdUnix { path: PathBuf, source: io::Error },
+    /// A `--kernel` setting out of range.
+    #[error(transparent)]
+    Kernel(#[from] kernel::ConfigError),
+    /// `--kernel-interval 0`.
+    #[error("--kernel-interval must be more than 0")]
+    KernelInterval,
+    /// `/dev/random` cannot be opened for the kernel output.
+    #[error("--kernel: {0}")]
+    KernelOpen(io::Error),
+    /// `--output` cannot be used.
+    #[error(transparent)]
+    File(#[from] file::FileError),
+}
 
 /// Starts the EGD server if asked for: its block queue, its statistics and
 /// the Unix socket to remove at the end.
@@ -23,13 +50,14 @@ pub(crate) async fn start_egd(
         Option<Arc<Mutex<egd::EgdStats>>>,
         Option<PathBuf>,
     ),
-    String,
+    Error,
 > {
     let mut listeners = Vec::new();
     if let Some(addr) = &o.egd_tcp {
-        let l = egd::bind_tcp(addr)
-            .await
-            .map_err(|e| format!("--egd-tcp {addr}: {e}"))?;
+        let l = egd::bind_tcp(addr).await.map_err(|source| Error::EgdTcp {
+            addr: addr.clone(),
+            source,
+        })?;
         if let Ok(a) = l.local_addr() {
             info!("EGD server on tcp {a}");
         }
@@ -39,14 +67,11 @@ pub(crate) async fn start_egd(
         let mode = u32::from_str_radix(o.egd_mode.trim(), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                format!(
-                    "--egd-mode {}: an octal mode such as 600 or 660",
-                    o.egd_mode
-                )
-            })?;
-        let l = egd::bind_unix(path, mode, o.egd_group)
-            .map_err(|e| format!("--egd-unix {}: {e}", path.display()))?;
+            .ok_or_else(|| Error::EgdMode(o.egd_mode.clone()))?;
+        let l = egd::bind_unix(path, mode, o.egd_group).map_err(|source| Error::EgdUnix {
+            path: path.clone(),
+            source,
+        })?;
         info!("EGD server on unix {} (mode {mode:o})", path.display());
         listeners.push(egd::EgdListener::Unix(l));
     }
@@ -101,16 +126,16 @@ pub(crate) fn start_kernel(
         Option<mpsc::Sender<kernel::KeyBlock>>,
         Option<Arc<Mutex<kernel::KernelStats>>>,
     ),
-    String,
+    Error,
 > {
     let Some(bits) = o.kernel else {
         return Ok((None, None));
     };
     let config = kernel::KernelConfig::new(bits)?
         .with_pace(64, o.kernel_interval)
-        .map_err(|_| "--kernel-interval must be more than 0".to_string())?;
+        .map_err(|_| Error::KernelInterval)?;
     // Fail now, with a clear message, rather than later in a task.
-    let sink = kernel::RandomDevice::open().map_err(|e| format!("--kernel: {e}"))?;
+    let sink = kernel::RandomDevice::open().map_err(Error::KernelOpen)?;
     let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));
     let (tx, rx) = mpsc::channel::<kernel::KeyBlock>(8);
     let st = stats.clone();
