@@ -7,7 +7,7 @@
 
 use tokio::sync::mpsc;
 
-use crate::keys::driver::Block;
+use crate::keys::driver::{Block, OutputLedger};
 use crate::outputs::egd::SourceBlock;
 use crate::outputs::kernel::KeyBlock;
 
@@ -71,26 +71,12 @@ impl Dispatch {
             }
             permit = reserve(self.kernel.as_ref()), if waiting => {
                 let Ok(permit) = permit else { return Turn::KernelStopped };
-                if let Some(block) = self.pending.take() {
-                    if block.withdrawn() {
-                        block.book(32, |o| &mut o.withdrawn);
-                    } else {
-                        permit.send((block.data, block.serial, block.epoch));
-                        block.book(32, |o| &mut o.kernel);
-                    }
-                }
+                hand_over(&mut self.pending, permit, |o| &mut o.kernel);
                 Turn::Moved
             }
             permit = reserve(self.egd.as_ref()), if waiting => {
                 let Ok(permit) = permit else { return Turn::Ended };
-                if let Some(block) = self.pending.take() {
-                    if block.withdrawn() {
-                        block.book(32, |o| &mut o.withdrawn);
-                    } else {
-                        permit.send((block.data, block.serial, block.epoch));
-                        block.book(32, |o| &mut o.egd);
-                    }
-                }
+                hand_over(&mut self.pending, permit, |o| &mut o.egd);
                 Turn::Moved
             }
             permit = reserve(self.file.as_ref()), if waiting => {
@@ -109,6 +95,25 @@ impl Dispatch {
                 Turn::Moved
             }
         }
+    }
+}
+
+/// Hands the pending block to an output that takes whole blocks with their
+/// key and gate epoch (kernel, EGD), booking it to `ledger`, or withdraws
+/// it if its key's gate closed since it was released.
+fn hand_over(
+    pending: &mut Option<Block>,
+    permit: mpsc::Permit<'_, KeyBlock>,
+    ledger: impl FnOnce(&mut OutputLedger) -> &mut u64,
+) {
+    let Some(block) = pending.take() else {
+        return;
+    };
+    if block.withdrawn() {
+        block.book(32, |o| &mut o.withdrawn);
+    } else {
+        permit.send((block.data, block.serial, block.epoch));
+        block.book(32, ledger);
     }
 }
 
