@@ -344,6 +344,10 @@ pub(crate) struct EmulateArgs {
     /// Test faults: report this core temperature (tenths of a kelvin).
     #[arg(long, value_name = "DECI_KELVIN", hide = true)]
     pub(crate) fault_temperature: Option<u32>,
+    /// Test faults: hold --fault-failure-mode and --fault-temperature back
+    /// until the emulator gets SIGUSR1 (a key that fails while running).
+    #[arg(long, hide = true)]
+    pub(crate) fault_on_usr1: bool,
     /// Tests only: noise from ChaCha20 with this seed (64 hex digits), so
     /// that the stream is known in advance.
     #[arg(long, value_name = "HEX", hide = true)]

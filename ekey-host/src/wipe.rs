@@ -6,6 +6,11 @@
 //! byte the moment it leaves (taken, moved, discarded, withdrawn), zeroes
 //! the old buffer when it grows, and zeroes everything when dropped. So at
 //! any time the only copies of entropy in it are the bytes it holds.
+//!
+//! [`SecretBlock`] is the unit the daemon's queues carry: 32 bytes in a
+//! heap slot of their own, zeroed when dropped. Moving one through a
+//! channel moves a pointer, so the channels between the drivers, the
+//! dispatcher and the outputs never hold entropy themselves.
 
 use std::ops::Index;
 
@@ -163,12 +168,76 @@ impl Index<usize> for WipeQueue {
 impl Drop for WipeQueue {
     fn drop(&mut self) {
         self.wipe();
+        #[cfg(test)]
+        tests::LAST_DROPPED.with(|d| *d.borrow_mut() = self.buf.to_vec());
+    }
+}
+
+/// 32 bytes of entropy in a heap slot of their own, zeroed when dropped
+/// and never shown by `Debug` (see the module docs).
+pub struct SecretBlock(Box<[u8; 32]>);
+
+impl SecretBlock {
+    /// Takes `data` in, zeroing the caller's copy.
+    pub fn take(data: &mut [u8; 32]) -> Self {
+        let mut slot = Box::new([0u8; 32]);
+        slot.copy_from_slice(data);
+        data.zeroize();
+        Self(slot)
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Zeroes the bytes now (what [`Drop`] does).
+    pub fn wipe(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Clone for SecretBlock {
+    fn clone(&self) -> Self {
+        let mut copy = *self.0;
+        Self::take(&mut copy)
+    }
+}
+
+impl std::fmt::Debug for SecretBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBlock(..)")
+    }
+}
+
+impl Drop for SecretBlock {
+    fn drop(&mut self) {
+        self.wipe();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    std::thread_local! {
+        /// The buffer of the last queue this thread dropped, as `Drop` left
+        /// it just before freeing it.
+        pub(super) static LAST_DROPPED: std::cell::RefCell<Vec<u8>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[test]
+    fn dropping_a_pool_leaves_zeros_in_its_buffer() {
+        let mut pool = WipeQueue::with_capacity(64);
+        pool.extend_from_slice(&[0x5a; 100]);
+        pool.discard_front(30);
+        let cap = pool.storage().len();
+        drop(pool);
+        let left = LAST_DROPPED.with(|d| d.borrow().clone());
+        assert_eq!(left.len(), cap, "the grown buffer was the one dropped");
+        assert!(left.iter().all(|&b| b == 0), "{left:?}");
+    }
 
     /// The held bytes, and whether every other place in the buffer is zero.
     fn only_held(q: &WipeQueue) -> bool {
@@ -226,6 +295,19 @@ mod tests {
             assert!(only_held(&other));
         }
         assert!(q.storage().len() > 8, "it grew");
+    }
+
+    #[test]
+    fn a_secret_block_takes_its_bytes_and_wipes_them() {
+        let mut src = [0x3c; 32];
+        let mut b = SecretBlock::take(&mut src);
+        assert_eq!(src, [0; 32], "the caller's copy is zeroed");
+        assert_eq!(b.bytes(), &[0x3c; 32]);
+        assert_eq!(b.clone().bytes(), &[0x3c; 32]);
+        assert_eq!(format!("{b:?}"), "SecretBlock(..)");
+        // What Drop does.
+        b.wipe();
+        assert_eq!(b.bytes(), &[0; 32]);
     }
 
     #[test]

@@ -101,7 +101,7 @@ async fn one_packet_per_read_does_not_cap_the_rate() {
     let mut bytes = 0usize;
     let end = tokio::time::Instant::now() + Duration::from_secs(3);
     while let Ok(Some(b)) = tokio::time::timeout_at(end, rx.recv()).await {
-        bytes += b.data.len();
+        bytes += b.data.bytes().len();
     }
     driving.abort();
     key.abort();

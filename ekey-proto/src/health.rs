@@ -1157,6 +1157,31 @@ impl Gate {
         Some(block)
     }
 
+    /// Bytes that passed and wait for [`pop_released`](Self::pop_released)
+    /// (including a remainder of less than 32 bytes).
+    ///
+    /// ```
+    /// use ekey_proto::health::{Gate, GateConfig};
+    /// let gate = Gate::new(GateConfig::default());
+    /// assert_eq!(gate.released_len(), 0);
+    /// ```
+    pub fn released_len(&self) -> usize {
+        self.out_len
+    }
+
+    /// Whether the output buffer has room for one more tested block. A
+    /// caller that cannot take released bytes for a while pops (and drops)
+    /// the oldest until it has, so that the newest pass instead of
+    /// overflowing.
+    ///
+    /// ```
+    /// use ekey_proto::health::{Gate, GateConfig};
+    /// assert!(Gate::new(GateConfig::default()).output_has_room());
+    /// ```
+    pub fn output_has_room(&self) -> bool {
+        self.out_len.saturating_add(FIPS_BLOCK_BYTES) <= OUTPUT_CAPACITY
+    }
+
     /// Takes in what the key reports about itself (pass every
     /// [`Event::Info`](crate::host::Event::Info); the merged view is
     /// fine). Items that are `None` leave their condition as it was.

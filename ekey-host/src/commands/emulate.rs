@@ -30,6 +30,7 @@ pub(crate) async fn emulate(args: EmulateArgs) -> Result<(), String> {
         fault_failure_mode,
         fault_noise,
         fault_temperature,
+        fault_on_usr1,
         noise_seed,
     } = args;
     let plan = soft::FaultPlan {
@@ -54,7 +55,17 @@ pub(crate) async fn emulate(args: EmulateArgs) -> Result<(), String> {
         None => soft::demo_master_key(),
     });
     let mut key = SoftKey::new(config);
-    key.set_faults(plan);
+    if fault_on_usr1 {
+        let now = soft::FaultPlan {
+            failure_mode: None,
+            temperature: None,
+            ..plan
+        };
+        key.set_faults(now);
+        key.set_faults_when(plan, on_usr1()?);
+    } else {
+        key.set_faults(plan);
+    }
     if let Some(h) = noise_seed {
         let seed: [u8; 32] = hex::decode(h.trim())
             .ok()
@@ -122,6 +133,20 @@ pub(crate) async fn emulate(args: EmulateArgs) -> Result<(), String> {
         let _ = std::fs::remove_file(&path);
         Ok(())
     }
+}
+
+/// A flag set when the process gets SIGUSR1.
+fn on_usr1() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, String> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .map_err(|e| format!("cannot watch SIGUSR1: {e}"))?;
+    let set = flag.clone();
+    tokio::spawn(async move {
+        if usr1.recv().await.is_some() {
+            set.store(true, std::sync::atomic::Ordering::Release);
+        }
+    });
+    Ok(flag)
 }
 
 /// `emulate --tty`: serves the key on an existing tty until a signal,

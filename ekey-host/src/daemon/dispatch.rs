@@ -21,7 +21,7 @@ pub(crate) struct Dispatch {
     pub(crate) kernel: Option<mpsc::Sender<KeyBlock>>,
     /// The `--output` thread's queue: a block and how many of its bytes to
     /// write.
-    pub(crate) file: Option<mpsc::Sender<([u8; 32], usize)>>,
+    pub(crate) file: Option<mpsc::Sender<(crate::wipe::SecretBlock, usize)>>,
     /// `--limit` (or `read`'s count): bytes to write, then stop.
     pub(crate) limit: Option<u64>,
     /// Bytes counted against the limit so far.
@@ -86,10 +86,10 @@ impl Dispatch {
                         block.book(32, |o| &mut o.withdrawn);
                     } else {
                         let take = self.take();
-                        permit.send((block.data, take as usize));
                         self.written += take;
                         block.book(take, |o| &mut o.file);
                         block.book(32 - take, |o| &mut o.unused);
+                        permit.send((block.data, take as usize));
                     }
                 }
                 Turn::Moved
@@ -112,8 +112,8 @@ fn hand_over(
     if block.withdrawn() {
         block.book(32, |o| &mut o.withdrawn);
     } else {
-        permit.send((block.data, block.serial, block.epoch));
         block.book(32, ledger);
+        permit.send((block.data, block.serial, block.epoch));
     }
 }
 

@@ -1,6 +1,46 @@
-//! Drives one key: a [`Session`] over a [`Link`], verified blocks out
-//! through a bounded channel (backpressure: when nobody takes blocks, the
-//! key is not read), status kept for whoever asks.
+//! Drives one key: a [`Session`] over a [`Link`], verified frames through
+//! the key's health [`Gate`], released blocks out through a bounded
+//! channel to the dispatcher, status kept for whoever asks.
+//!
+//! # The driver always reads its key
+//!
+//! The outputs may take nothing for hours: an EGD server with no client,
+//! a kernel pool that is full. The driver still reads every frame,
+//! verifies and decrypts it, and pushes it through the gate, so that an
+//! unplugged key, a failure-mode report, or a temperature or voltage out
+//! of bounds is seen within about a second whatever the outputs do.
+//!
+//! What the outputs cannot take meanwhile is bounded and kept in order:
+//!
+//! - Released bytes wait in the gate's own output buffer, at most
+//!   [`OUTPUT_CAPACITY`](ekey_proto::health::OUTPUT_CAPACITY) bytes (two
+//!   tested blocks), wiped as they leave. The driver keeps no other copy.
+//! - Before a frame that could complete a tested block with that buffer
+//!   full, the driver waits up to [`ROOM_WAIT`] for the channel to take
+//!   some. Outputs that move, even slowly, lose nothing (`read` at the
+//!   emulator's fastest rate gets every byte, in order).
+//! - Outputs that stay full past that: the oldest waiting bytes are
+//!   dropped, wiped, and booked [`OutputLedger::unused`]. What waits is
+//!   always the newest bytes in the order they passed; a dropped byte is
+//!   never served later, and nothing overtakes anything.
+//! - A closing of the gate discards whatever waits in it (the gate
+//!   counts it), and blocks already in the channel are withdrawn
+//!   downstream ([`Block::withdrawn`]).
+//!
+//! # Where entropy lives
+//!
+//! On its way out, a key's plaintext is in exactly these places, each
+//! wiped when the bytes leave it:
+//!
+//! 1. the session's event queue (`ekey-proto`, wiped as events leave it)
+//!    and the driver's copy of the event, wiped once in the gate;
+//! 2. the gate's block under test and its output buffer (`ekey-proto`);
+//! 3. a [`Block`]'s [`SecretBlock`] (one heap slot per 32 bytes; the
+//!    channels to the dispatcher and on to the outputs move pointers to
+//!    it, never the bytes), including [`Dispatch::pending`](crate::daemon);
+//! 4. an output's own buffer: the EGD pool and each client's granted
+//!    bytes, the kernel output's buffer ([`WipeQueue`](crate::wipe::WipeQueue)),
+//!    or the `--output` writer's buffer on its way to the file.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -14,6 +54,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::keys::transport::Link;
+use crate::wipe::SecretBlock;
 
 /// How many times a key's health gate has closed so far. A block released
 /// before the latest closing is withdrawn: never served.
@@ -29,14 +70,15 @@ pub(crate) fn any_gate_closed() -> bool {
     GATE_CLOSINGS.load(std::sync::atomic::Ordering::Acquire) != 0
 }
 
-/// One verified 32-byte block and the key it came from. Its bytes are
-/// wiped when it is dropped and never shown by `Debug`.
+/// One verified 32-byte block and the key it came from. Its bytes live in
+/// a [`SecretBlock`]: wiped when dropped, never shown by `Debug`, and not
+/// copied into the channels it passes through.
 #[derive(Clone)]
 pub struct Block {
     /// The key's serial.
     pub serial: Serial,
     /// The plaintext.
-    pub data: [u8; 32],
+    pub data: SecretBlock,
     /// The key's status, where the output that takes the block books it
     /// ([`KeyStatus::outputs`]).
     pub status: SharedStatus,
@@ -50,12 +92,6 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("serial", &self.serial)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.data);
     }
 }
 
@@ -341,9 +377,8 @@ pub async fn drive<K: KeyLookup + ?Sized>(
             }
             _ = sleep_until_opt(deadline) => {
                 session.handle_timeout(now());
-                match deliver(&mut session, status, &gate, blocks, signals, on_event).await {
+                match deliver(&mut session, status, &gate, blocks, on_event) {
                     Delivered::OutputClosed => return Ok(Ended::OutputClosed),
-                    Delivered::Released => return Ok(Ended::Released),
                     Delivered::Unresponsive => unresponsive = true,
                     Delivered::Ok => {}
                 }
@@ -361,11 +396,15 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         for _ in 0..MAX_READS_PER_WAKE {
             let mut input = &buf[..len];
             while !input.is_empty() {
+                // The next frame may complete a tested block with the gate's
+                // output full: give the outputs a moment to take some.
+                if !has_room(&gate, blocks) {
+                    make_room(session.serial().unwrap_or_default(), status, &gate, blocks).await;
+                }
                 let used = session.handle_input(now(), input, keyring, &mut rng);
                 input = &input[used..];
-                match deliver(&mut session, status, &gate, blocks, signals, on_event).await {
+                match deliver(&mut session, status, &gate, blocks, on_event) {
                     Delivered::OutputClosed => return Ok(Ended::OutputClosed),
-                    Delivered::Released => return Ok(Ended::Released),
                     Delivered::Unresponsive => unresponsive = true,
                     Delivered::Ok => {}
                 }
@@ -423,22 +462,6 @@ enum Delivered {
     Ok,
     OutputClosed,
     Unresponsive,
-    /// Let go of while waiting for the outputs to take a block.
-    Released,
-}
-
-/// Returns once the key described by `status` is to be let go of.
-async fn until_released(signals: &Signals, status: &SharedStatus) {
-    let mut rx = signals.released.clone();
-    loop {
-        if signals.is_released(&status.lock().unwrap_or_else(|p| p.into_inner())) {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            // Nobody can release keys any more.
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// Shows the gate's new state in the key's status. If it closed, the
@@ -494,13 +517,12 @@ pub fn failed_tests(r: &ekey_proto::health::BlockReport) -> String {
     }
 }
 
-/// Hands the session's events out.
-async fn deliver(
+/// Hands the session's events out (never waiting for the outputs).
+fn deliver(
     session: &mut Session,
     status: &SharedStatus,
     gate_handle: &SharedGate,
     blocks: &mpsc::Sender<Block>,
-    signals: &Signals,
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
 ) -> Delivered {
     let mut result = Delivered::Ok;
@@ -525,69 +547,12 @@ async fn deliver(
             on_event(snapshot, &ev);
         }
         match ev {
-            Event::Entropy { data, .. } => {
-                // Through the health gate: bytes come out only in tested
-                // blocks that passed while the gate is open.
+            Event::Entropy { mut data, .. } => {
                 let serial = session.serial().unwrap_or_default();
-                let (released, after) = {
-                    let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
-                    let before = gate.is_open();
-                    let report = gate.push(&data);
-                    // Most frames release nothing (bytes come out a tested
-                    // block at a time): allocate only when some do, with room
-                    // for all the gate can hold, so that the vector never
-                    // moves (a move would leave an unwiped copy).
-                    let mut released = zeroize::Zeroizing::new(Vec::new());
-                    while let Some(b) = gate.pop_released() {
-                        if released.capacity() == 0 {
-                            released.reserve_exact(ekey_proto::health::OUTPUT_CAPACITY / 32 + 1);
-                        }
-                        released.push(b);
-                    }
-                    if let Some(r) = report.filter(|r| !r.passed()) {
-                        // Once closed, a dead source would fail a block a
-                        // second: the closing is logged, the rest is debug.
-                        if before && gate.is_open() {
-                            tracing::info!(
-                                "key {serial}: a block of 20,000 bits failed {} and was discarded",
-                                failed_tests(&r)
-                            );
-                        } else {
-                            tracing::debug!(
-                                "key {serial}: a block of 20,000 bits failed {} and was discarded",
-                                failed_tests(&r)
-                            );
-                        }
-                    }
-                    log_gate_change(serial, before, &gate);
-                    (released, gate.status())
-                };
-                set_gate(&mut status.lock().unwrap_or_else(|p| p.into_inner()), after);
-                for (i, data) in released.iter().enumerate() {
-                    let block = Block {
-                        serial,
-                        data: *data,
-                        status: status.clone(),
-                        epoch: after.counters.times_closed,
-                    };
-                    // Outputs that take nothing (no EGD client, a full
-                    // kernel pool) must not keep a `rekey` waiting.
-                    let outcome = tokio::select! {
-                        r = blocks.send(block) => match r {
-                            Ok(()) => None,
-                            Err(_) => Some(Delivered::OutputClosed),
-                        },
-                        () = until_released(signals, status) => Some(Delivered::Released),
-                    };
-                    if let Some(outcome) = outcome {
-                        // Released by the gate but taken by no output: the
-                        // books say so.
-                        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-                        st.outputs.unused += (32 * (released.len() - i)) as u64;
-                        return outcome;
-                    }
-                    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-                    st.delivered += data.len() as u64;
+                let pushed = gate_entropy(serial, &data, status, gate_handle, blocks);
+                zeroize::Zeroize::zeroize(&mut data);
+                if let Err(outcome) = pushed {
+                    return outcome;
                 }
             }
             Event::Info(_) => {
@@ -610,4 +575,150 @@ async fn deliver(
         }
     }
     result
+}
+
+/// Passes one verified frame through the health gate and hands what it
+/// releases to the outputs, without waiting for them (see the module docs:
+/// the driver never stops reading its key).
+///
+/// Released bytes wait in the gate's own output buffer (at most
+/// [`OUTPUT_CAPACITY`] bytes, wiped as they leave) while the outputs'
+/// channel is full. When the gate would have no room for the next tested
+/// block, the oldest waiting bytes are taken out and booked `unused`, so
+/// that what waits is always the newest, in the order it passed.
+fn gate_entropy(
+    serial: Serial,
+    data: &[u8; 32],
+    status: &SharedStatus,
+    gate_handle: &SharedGate,
+    blocks: &mpsc::Sender<Block>,
+) -> Result<(), Delivered> {
+    let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
+    // Bytes still waiting in the gate passed after its latest closing
+    // (a closing discards them): this is their epoch.
+    let epoch = gate.status().counters.times_closed;
+    let (mut sent, mut closed) = hand_out(&mut gate, serial, epoch, status, blocks);
+    let mut unused = 0;
+    while !closed && !gate.output_has_room() {
+        let Some(mut old) = gate.pop_released() else {
+            break;
+        };
+        zeroize::Zeroize::zeroize(&mut old);
+        unused += 32;
+    }
+    let before = gate.is_open();
+    let report = gate.push(data);
+    if let Some(r) = report.filter(|r| !r.passed()) {
+        // Once closed, a dead source would fail a block a second: the
+        // closing is logged, the rest is debug.
+        if before && gate.is_open() {
+            tracing::info!(
+                "key {serial}: a block of 20,000 bits failed {} and was discarded",
+                failed_tests(&r)
+            );
+        } else {
+            tracing::debug!(
+                "key {serial}: a block of 20,000 bits failed {} and was discarded",
+                failed_tests(&r)
+            );
+        }
+    }
+    log_gate_change(serial, before, &gate);
+    let after = gate.status();
+    if !closed {
+        let (more, now_closed) = hand_out(
+            &mut gate,
+            serial,
+            after.counters.times_closed,
+            status,
+            blocks,
+        );
+        sent += more;
+        closed = now_closed;
+    }
+    let after = gate.status();
+    drop(gate);
+    let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+    set_gate(&mut st, after);
+    st.delivered += sent;
+    st.outputs.unused += unused;
+    if closed {
+        Err(Delivered::OutputClosed)
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether the next tested block has room in the gate's output, or the
+/// outputs' channel can take some of what waits there.
+fn has_room(gate: &SharedGate, blocks: &mpsc::Sender<Block>) -> bool {
+    blocks.capacity() > 0
+        || gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .output_has_room()
+}
+
+/// Longest the driver waits for the outputs before reading on (and letting
+/// the gate's oldest waiting bytes go unused): outputs that move, even
+/// slowly, lose nothing; outputs that are full do not stop the key being
+/// read for longer than this.
+pub const ROOM_WAIT: Duration = Duration::from_millis(100);
+
+/// Waits up to [`ROOM_WAIT`] for room in the outputs' channel and moves
+/// what the gate holds into it.
+async fn make_room(
+    serial: Serial,
+    status: &SharedStatus,
+    gate_handle: &SharedGate,
+    blocks: &mpsc::Sender<Block>,
+) {
+    let Ok(Ok(permit)) = tokio::time::timeout(ROOM_WAIT, blocks.reserve()).await else {
+        return;
+    };
+    let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
+    let epoch = gate.status().counters.times_closed;
+    let Some(mut data) = gate.pop_released() else {
+        return;
+    };
+    permit.send(Block {
+        serial,
+        data: SecretBlock::take(&mut data),
+        status: status.clone(),
+        epoch,
+    });
+    let (more, _) = hand_out(&mut gate, serial, epoch, status, blocks);
+    drop(gate);
+    status.lock().unwrap_or_else(|p| p.into_inner()).delivered += 32 + more;
+}
+
+/// Moves released bytes from the gate into the outputs' channel while it
+/// has room. Returns the bytes sent, and whether the channel is closed
+/// (nobody takes blocks any more).
+fn hand_out(
+    gate: &mut Gate,
+    serial: Serial,
+    epoch: u64,
+    status: &SharedStatus,
+    blocks: &mpsc::Sender<Block>,
+) -> (u64, bool) {
+    let mut sent = 0;
+    while gate.released_len() >= 32 {
+        let permit = match blocks.try_reserve() {
+            Ok(p) => p,
+            Err(mpsc::error::TrySendError::Full(())) => break,
+            Err(mpsc::error::TrySendError::Closed(())) => return (sent, true),
+        };
+        let Some(mut data) = gate.pop_released() else {
+            break;
+        };
+        permit.send(Block {
+            serial,
+            data: SecretBlock::take(&mut data),
+            status: status.clone(),
+            epoch,
+        });
+        sent += 32;
+    }
+    (sent, false)
 }

@@ -160,6 +160,8 @@ pub struct SoftKey {
     noise: Noise,
     plan: FaultPlan,
     frames: u64,
+    /// Faults held back until `trigger` is set.
+    held: Option<(FaultPlan, std::sync::Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 impl SoftKey {
@@ -184,6 +186,7 @@ impl SoftKey {
             },
             plan: FaultPlan::default(),
             frames: 0,
+            held: None,
         }
     }
 
@@ -221,6 +224,17 @@ impl SoftKey {
         }
     }
 
+    /// Sets the faults to inject once `trigger` is set (checked before
+    /// each frame), e.g. by a signal handler: a key that starts well and
+    /// fails while running.
+    pub fn set_faults_when(
+        &mut self,
+        plan: FaultPlan,
+        trigger: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        self.held = Some((plan, trigger));
+    }
+
     /// Bytes from the host.
     pub fn write(&mut self, bytes: &[u8]) {
         self.device.handle_input(bytes, &mut self.noise);
@@ -228,6 +242,15 @@ impl SoftKey {
 
     /// One frame slot's output, if the key has something to say.
     pub fn poll(&mut self) -> Option<Output> {
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|(_, t)| t.load(std::sync::atomic::Ordering::Acquire))
+            && let Some((plan, _)) = self.held.take()
+        {
+            tracing::info!("software key: faults armed");
+            self.set_faults(plan);
+        }
         self.frames += 1;
         let n = self.frames;
         let every = |k: u64| k != 0 && n.is_multiple_of(k);

@@ -152,7 +152,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use ekey_proto::keys::Serial;
 
@@ -427,7 +427,7 @@ pub struct EgdStats {
 
 /// A verified block for the pool, the key it came from, and how many times
 /// that key's health gate had closed when the block was released.
-pub type SourceBlock = ([u8; 32], Serial, u64);
+pub type SourceBlock = (crate::wipe::SecretBlock, Serial, u64);
 
 /// A byte queue [`Runs::withdraw`] can cut runs out of.
 pub(crate) trait ByteQueue {
@@ -1151,10 +1151,8 @@ impl Hub {
         closes: &GateCloses,
         stats: &Mutex<EgdStats>,
     ) -> usize {
-        let (mut data, key, epoch) = block;
-        let added = self.take_in_data(&data, key, epoch, closes, stats);
-        data.zeroize();
-        added
+        let (data, key, epoch) = block;
+        self.take_in_data(data.bytes(), key, epoch, closes, stats)
     }
 
     fn take_in_data(
@@ -1689,7 +1687,7 @@ mod tests {
     /// Block `i` from a key whose serial says whether `i` is odd (so the
     /// test can tell which key each served byte came from).
     fn src(i: u64) -> SourceBlock {
-        (block(i), key_of(i), 0)
+        (crate::wipe::SecretBlock::take(&mut block(i)), key_of(i), 0)
     }
 
     /// Keys whose gate never closed.

@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::wipe::SecretBlock;
+
 /// Where verified entropy goes: a file or stdout. A regular file is written
 /// from the runtime (page-cache writes do not stall); a pipe, FIFO or
 /// terminal gets a thread of its own, so that a stalled reader never stalls
 /// the daemon.
 pub(crate) struct Output {
-    pub(crate) tx: mpsc::Sender<([u8; 32], usize)>,
+    pub(crate) tx: mpsc::Sender<(SecretBlock, usize)>,
     pub(crate) done: tokio::sync::oneshot::Receiver<io::Result<()>>,
     /// Bytes written (and flushed) so far.
     pub(crate) written: Arc<std::sync::atomic::AtomicU64>,
@@ -21,15 +23,15 @@ pub(crate) struct Output {
 /// flushes. Whole blocks only.
 pub(crate) fn write_batch(
     w: &mut dyn Write,
-    first: ([u8; 32], usize),
-    rx: &mut mpsc::Receiver<([u8; 32], usize)>,
+    first: (SecretBlock, usize),
+    rx: &mut mpsc::Receiver<(SecretBlock, usize)>,
     written: &std::sync::atomic::AtomicU64,
 ) -> io::Result<()> {
     let (block, take) = first;
-    w.write_all(&block[..take])?;
+    w.write_all(&block.bytes()[..take])?;
     let mut n = take as u64;
     while let Ok((b, t)) = rx.try_recv() {
-        w.write_all(&b[..t])?;
+        w.write_all(&b.bytes()[..t])?;
         n += t as u64;
     }
     w.flush()?;
@@ -68,7 +70,7 @@ pub(crate) fn open_output(output: Option<&Path>) -> Result<Option<Output>, FileE
             (Box::new(io::BufWriter::with_capacity(64 * 32, f)), regular)
         }
     };
-    let (tx, mut rx) = mpsc::channel::<([u8; 32], usize)>(64);
+    let (tx, mut rx) = mpsc::channel::<(SecretBlock, usize)>(64);
     let (done_tx, done) = tokio::sync::oneshot::channel();
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let count = written.clone();

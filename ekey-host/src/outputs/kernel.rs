@@ -410,16 +410,16 @@ impl Withdrawals {
         keys: &mut crate::outputs::egd::Runs,
         closes: &GateCloses,
     ) {
-        let (mut data, key, epoch) = block;
+        let (data, key, epoch) = block;
+        let data = data.bytes();
         self.check(pending, keys, closes);
         if crate::keys::driver::any_gate_closed() && epoch < closes(&key) {
             *self.by_key.entry(key).or_default() += data.len() as u64;
         } else {
-            pending.extend_from_slice(&data);
+            pending.extend_from_slice(data);
             keys.push_back(key, data.len());
             self.epoch.insert(key, epoch);
         }
-        data.zeroize();
     }
 
     /// After any gate closed: drops waiting bytes released before their
@@ -447,7 +447,7 @@ impl Withdrawals {
 /// A verified block, the key it came from, and how many times that key's
 /// health gate had closed when it was released (a block released before
 /// a later closing is withdrawn, never credited).
-pub type KeyBlock = ([u8; 32], ekey_proto::keys::Serial, u64);
+pub type KeyBlock = (crate::wipe::SecretBlock, ekey_proto::keys::Serial, u64);
 
 /// [`run`] with any [`EntropySink`].
 pub async fn run_with(
@@ -749,7 +749,9 @@ mod tests {
             ekey_proto::keys::Serial([2; 12]),
         ];
         for i in 0..10 {
-            tx.send(([7; 32], keys[i % 2], 0)).await.unwrap();
+            tx.send((crate::wipe::SecretBlock::take(&mut [7; 32]), keys[i % 2], 0))
+                .await
+                .unwrap();
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -797,8 +799,12 @@ mod tests {
             })
         };
         let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, closes));
-        tx.send(([1; 32], a, 0)).await.unwrap();
-        tx.send(([2; 32], b, 0)).await.unwrap();
+        tx.send((crate::wipe::SecretBlock::take(&mut [1; 32]), a, 0))
+            .await
+            .unwrap();
+        tx.send((crate::wipe::SecretBlock::take(&mut [2; 32]), b, 0))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let s = stats.lock().unwrap().clone();
         assert_eq!(
@@ -810,10 +816,18 @@ mod tests {
         // withdrawn; its block released after (epoch 1) is taken.
         a_closes.store(1, Ordering::SeqCst);
         crate::keys::driver::GATE_CLOSINGS.fetch_add(1, Ordering::SeqCst);
-        tx.send(([3; 32], a, 0)).await.unwrap();
-        tx.send(([4; 32], b, 0)).await.unwrap();
-        tx.send(([5; 32], a, 1)).await.unwrap();
-        tx.send(([6; 32], b, 0)).await.unwrap();
+        tx.send((crate::wipe::SecretBlock::take(&mut [3; 32]), a, 0))
+            .await
+            .unwrap();
+        tx.send((crate::wipe::SecretBlock::take(&mut [4; 32]), b, 0))
+            .await
+            .unwrap();
+        tx.send((crate::wipe::SecretBlock::take(&mut [5; 32]), a, 1))
+            .await
+            .unwrap();
+        tx.send((crate::wipe::SecretBlock::take(&mut [6; 32]), b, 0))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(350)).await;
         let s = stats.lock().unwrap().clone();
         assert_eq!(s.withdrawn_by_key.get(&a), Some(&32), "{s:?}");

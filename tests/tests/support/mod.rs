@@ -110,6 +110,16 @@ impl Emulator {
         Emulator { child, path }
     }
 
+    /// Sends it a signal (`kill -SIG PID`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} the emulator");
+    }
+
     /// Stops it (so its record file is complete).
     pub fn stop(mut self) {
         let _ = self.child.kill();
