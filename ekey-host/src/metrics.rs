@@ -104,6 +104,31 @@ fn fset(f: &Family<Labels, Gauge<f64, AtomicU64>>, l: &Labels, v: f64) {
 pub fn registry(s: &Snapshot) -> Registry {
     let mut reg = Registry::with_prefix("ekey");
     let mut m = Metrics { reg: &mut reg };
+    key_device_metrics(&mut m, &s.keys);
+    key_gate_metrics(&mut m, &s.keys);
+    key_session_metrics(&mut m, &s.keys);
+    key_output_metrics(&mut m, s);
+    let out_bytes = m.counter(
+        "output_bytes",
+        "Bytes each output passed on (kernel: mixed into the pool; egd: served to clients; file: written)",
+    );
+    add(
+        &out_bytes,
+        &vec![("output".into(), "file".into())],
+        s.file_bytes,
+    );
+    if let Some(k) = &s.kernel {
+        kernel_metrics(&mut m, k, s.kernel_bits_per_byte, &out_bytes);
+    }
+    if let Some(e) = &s.egd {
+        egd_metrics(&mut m, e, &out_bytes);
+    }
+    reg
+}
+
+/// Each key's link, state and what the key says of itself (readings,
+/// entropy estimates, its own FIPS 140-2 counters).
+fn key_device_metrics(m: &mut Metrics<'_>, keys: &[KeyStatus]) {
     let up = m.gauge("key_up", "1 while the key is attached and keyed");
     let state = m.gauge("key_state", "1 for the state the key's session is in");
     let connects = m.counter("key_connects", "Times the key's link came up");
@@ -125,6 +150,43 @@ pub fn registry(s: &Snapshot) -> Registry {
         "key_device_fips_failures",
         "FIPS 140-2 failures the key reports, by test (since its reset; a block can fail several)",
     );
+    for k in keys {
+        let l = key_labels(k);
+        set(&up, &l, i64::from(k.connected && k.state.is_running()));
+        set(&state, &with(l.clone(), "state", &k.state.to_string()), 1);
+        add(&connects, &l, k.connects);
+        if let Some(t) = k.info.temperature {
+            fset(&temp, &l, t.millicelsius() as f64 / 1000.0);
+        }
+        if let Some(v) = k.info.voltage {
+            fset(&volts, &l, f64::from(v.millivolts) / 1000.0);
+        }
+        if let Some(sh) = k.info.shannon {
+            for (name, v) in [
+                ("raw_left", sh.left_per_byte()),
+                ("raw_right", sh.right_per_byte()),
+                ("raw_xor", sh.xor_per_byte()),
+                ("debiased_left", sh.debiased_left_per_byte()),
+                ("debiased_right", sh.debiased_right_per_byte()),
+            ] {
+                if let Some(v) = v {
+                    fset(&shannon, &with(l.clone(), "stream", name), f64::from(v));
+                }
+            }
+        }
+        if let Some(f) = k.info.fips {
+            add(&dev_blocks, &l, u64::from(f.blocks));
+            add(&dev_failed, &l, u64::from(f.failures));
+            for (name, v) in [("monobit", f.monobit), ("poker", f.poker), ("runs", f.runs)] {
+                add(&dev_fail, &with(l.clone(), "test", name), u64::from(v));
+            }
+        }
+    }
+}
+
+/// Each key's health gate: blocks tested and failed, failures by test,
+/// whether it is open, its closings and warnings.
+fn key_gate_metrics(m: &mut Metrics<'_>, keys: &[KeyStatus]) {
     let host_blocks = m.counter(
         "key_host_fips_blocks",
         "20,000-bit blocks of verified output the host's health gate tested",
@@ -146,6 +208,32 @@ pub fn registry(s: &Snapshot) -> Registry {
         "key_gate_warning",
         "1 while a reading (temperature, voltage) is outside its warning bounds",
     );
+    for k in keys {
+        let l = key_labels(k);
+        let g = &k.gate;
+        let gc = &g.counters;
+        add(&host_blocks, &l, gc.blocks_tested);
+        add(&host_failed, &l, gc.blocks_failed);
+        for (name, v) in [
+            ("monobit", gc.monobit_failures),
+            ("poker", gc.poker_failures),
+            ("runs", gc.runs_failures),
+            ("long_run", gc.long_run_failures),
+            ("continuous", gc.continuous_failures),
+            ("repetition_count", gc.rct_failures),
+            ("adaptive_proportion", gc.apt_failures),
+        ] {
+            add(&host_fail, &with(l.clone(), "test", name), v);
+        }
+        set(&gate_open, &l, i64::from(g.open));
+        set(&gate_warn, &l, i64::from(g.warnings.any()));
+        add(&gate_closures, &l, gc.times_closed);
+    }
+}
+
+/// Each key's session counters: bad MACs, framing errors, replays,
+/// re-keys and resets.
+fn key_session_metrics(m: &mut Metrics<'_>, keys: &[KeyStatus]) {
     let macs = m.counter("key_mac_failures", "Frames whose MAC failed (dropped)");
     let framing = m.counter(
         "key_framing_errors",
@@ -154,6 +242,20 @@ pub fn registry(s: &Snapshot) -> Registry {
     let replays = m.counter("key_replays_dropped", "Replayed frames dropped");
     let rekeys = m.counter("key_rekeys", "Session re-keys");
     let resets = m.counter("key_resets", "Resets sent to the key");
+    for k in keys {
+        let l = key_labels(k);
+        let c = k.totals();
+        add(&macs, &l, c.bad_macs);
+        add(&framing, &l, c.framing_errors);
+        add(&replays, &l, c.replays);
+        add(&rekeys, &l, c.rekeys);
+        add(&resets, &l, c.resets);
+    }
+}
+
+/// Where each key's verified bytes went: by fate, in the gate, by
+/// output, queued, and what the kernel and EGD clients took of them.
+fn key_output_metrics(m: &mut Metrics<'_>, s: &Snapshot) {
     let received = m.counter(
         "key_bytes_received",
         "Verified, decrypted bytes the key delivered",
@@ -188,75 +290,19 @@ pub fn registry(s: &Snapshot) -> Registry {
     );
     for k in &s.keys {
         let l = key_labels(k);
-        let c = k.totals();
-        set(&up, &l, i64::from(k.connected && k.state.is_running()));
-        set(&state, &with(l.clone(), "state", &k.state.to_string()), 1);
-        add(&connects, &l, k.connects);
-        if let Some(t) = k.info.temperature {
-            fset(&temp, &l, t.millicelsius() as f64 / 1000.0);
-        }
-        if let Some(v) = k.info.voltage {
-            fset(&volts, &l, f64::from(v.millivolts) / 1000.0);
-        }
-        if let Some(sh) = k.info.shannon {
-            for (name, v) in [
-                ("raw_left", sh.left_per_byte()),
-                ("raw_right", sh.right_per_byte()),
-                ("raw_xor", sh.xor_per_byte()),
-                ("debiased_left", sh.debiased_left_per_byte()),
-                ("debiased_right", sh.debiased_right_per_byte()),
-            ] {
-                if let Some(v) = v {
-                    fset(&shannon, &with(l.clone(), "stream", name), f64::from(v));
-                }
-            }
-        }
-        if let Some(f) = k.info.fips {
-            add(&dev_blocks, &l, u64::from(f.blocks));
-            add(&dev_failed, &l, u64::from(f.failures));
-            for (name, v) in [("monobit", f.monobit), ("poker", f.poker), ("runs", f.runs)] {
-                add(&dev_fail, &with(l.clone(), "test", name), u64::from(v));
-            }
-        }
-        let g = &k.gate;
-        let gc = &g.counters;
-        add(&host_blocks, &l, gc.blocks_tested);
-        add(&host_failed, &l, gc.blocks_failed);
-        for (name, v) in [
-            ("monobit", gc.monobit_failures),
-            ("poker", gc.poker_failures),
-            ("runs", gc.runs_failures),
-            ("long_run", gc.long_run_failures),
-            ("continuous", gc.continuous_failures),
-            ("repetition_count", gc.rct_failures),
-            ("adaptive_proportion", gc.apt_failures),
-        ] {
-            add(&host_fail, &with(l.clone(), "test", name), v);
-        }
-        set(&gate_open, &l, i64::from(g.open));
-        set(&gate_warn, &l, i64::from(g.warnings.any()));
-        add(&gate_closures, &l, gc.times_closed);
-        add(&macs, &l, c.bad_macs);
-        add(&framing, &l, c.framing_errors);
-        add(&replays, &l, c.replays);
-        add(&rekeys, &l, c.rekeys);
-        add(&resets, &l, c.resets);
-        add(&received, &l, g.counters.bytes_received);
+        let gc = &k.gate.counters;
+        add(&received, &l, gc.bytes_received);
         add(
             &fate,
             &with(l.clone(), "fate", "released"),
-            g.counters.bytes_released,
+            gc.bytes_released,
         );
         add(
             &fate,
             &with(l.clone(), "fate", "discarded"),
-            g.counters.bytes_discarded,
+            gc.bytes_discarded,
         );
-        set(
-            &pending,
-            &l,
-            (g.counters.bytes_pending + g.counters.bytes_buffered) as i64,
-        );
+        set(&pending, &l, (gc.bytes_pending + gc.bytes_buffered) as i64);
         for (name, v) in [
             ("kernel", k.outputs.kernel),
             ("egd", k.outputs.egd),
@@ -266,11 +312,7 @@ pub fn registry(s: &Snapshot) -> Registry {
         ] {
             add(&per_output, &with(l.clone(), "output", name), v);
         }
-        set(
-            &queued,
-            &l,
-            k.outputs.queued(g.counters.bytes_released) as i64,
-        );
+        set(&queued, &l, k.outputs.queued(gc.bytes_released) as i64);
         if let Some(kst) = &s.kernel {
             let accepted = k
                 .serial
@@ -291,99 +333,103 @@ pub fn registry(s: &Snapshot) -> Registry {
             add(&egd_served, &l, served);
         }
     }
+}
 
-    let out_bytes = m.counter(
-        "output_bytes",
-        "Bytes each output passed on (kernel: mixed into the pool; egd: served to clients; file: written)",
+/// The kernel output's counters (`bits_per_byte` credited per byte), and
+/// its share of `out_bytes`.
+fn kernel_metrics(
+    m: &mut Metrics<'_>,
+    k: &KernelStats,
+    bits_per_byte: u8,
+    out_bytes: &Family<Labels, Counter>,
+) {
+    let bits = m.counter(
+        "kernel_bits_credited",
+        "Entropy bits credited to the kernel",
     );
+    let uncredited = m.counter(
+        "kernel_bytes_uncredited",
+        "Bytes mixed into the kernel's pool without credit",
+    );
+    let failures = m.counter("kernel_ioctl_failures", "RNDADDENTROPY calls that failed");
     add(
-        &out_bytes,
-        &vec![("output".into(), "file".into())],
-        s.file_bytes,
+        out_bytes,
+        &vec![("output".into(), "kernel".into())],
+        k.bytes_written,
     );
-    if let Some(k) = &s.kernel {
-        let bits = m.counter(
-            "kernel_bits_credited",
-            "Entropy bits credited to the kernel",
-        );
-        let uncredited = m.counter(
-            "kernel_bytes_uncredited",
-            "Bytes mixed into the kernel's pool without credit",
-        );
-        let failures = m.counter("kernel_ioctl_failures", "RNDADDENTROPY calls that failed");
-        add(
-            &out_bytes,
-            &vec![("output".into(), "kernel".into())],
-            k.bytes_written,
-        );
-        add(&bits, &Vec::new(), k.bits_credited);
-        let none = if s.kernel_bits_per_byte == 0 {
-            k.bytes_written
-        } else {
-            0
-        };
-        add(&uncredited, &Vec::new(), none);
-        add(&failures, &Vec::new(), k.ioctl_failures);
+    add(&bits, &Vec::new(), k.bits_credited);
+    let none = if bits_per_byte == 0 {
+        k.bytes_written
+    } else {
+        0
+    };
+    add(&uncredited, &Vec::new(), none);
+    add(&failures, &Vec::new(), k.ioctl_failures);
+}
+
+/// The EGD server's counters and pool, and its share of `out_bytes`.
+fn egd_metrics(m: &mut Metrics<'_>, e: &EgdStats, out_bytes: &Family<Labels, Counter>) {
+    let clients = m.gauge("egd_clients", "EGD clients connected now");
+    let total = m.counter("egd_connections", "EGD clients accepted");
+    let rejected = m.counter("egd_rejected_clients", "EGD clients refused (too many)");
+    add(
+        out_bytes,
+        &vec![("output".into(), "egd".into())],
+        e.total_served,
+    );
+    set(&clients, &Vec::new(), e.clients.len() as i64);
+    add(&total, &Vec::new(), e.total_clients);
+    add(&rejected, &Vec::new(), e.rejected_clients);
+    let refused = m.counter(
+        "egd_refused_connections",
+        "EGD connections closed at once, by reason (not_allowed: allow-lists; peer_cap: --egd-max-per-peer; full: no slot, none reclaimable)",
+    );
+    for (reason, n) in [
+        ("not_allowed", e.refused_not_allowed),
+        ("peer_cap", e.refused_peer_cap),
+        ("full", e.rejected_clients),
+    ] {
+        add(&refused, &vec![("reason".into(), reason.into())], n);
     }
-    if let Some(e) = &s.egd {
-        let clients = m.gauge("egd_clients", "EGD clients connected now");
-        let total = m.counter("egd_connections", "EGD clients accepted");
-        let rejected = m.counter("egd_rejected_clients", "EGD clients refused (too many)");
-        add(
-            &out_bytes,
-            &vec![("output".into(), "egd".into())],
-            e.total_served,
-        );
-        set(&clients, &Vec::new(), e.clients.len() as i64);
-        add(&total, &Vec::new(), e.total_clients);
-        add(&rejected, &Vec::new(), e.rejected_clients);
-        let refused = m.counter(
-            "egd_refused_connections",
-            "EGD connections closed at once, by reason (not_allowed: allow-lists; peer_cap: --egd-max-per-peer; full: no slot, none reclaimable)",
-        );
-        for (reason, n) in [
-            ("not_allowed", e.refused_not_allowed),
-            ("peer_cap", e.refused_peer_cap),
-            ("full", e.rejected_clients),
-        ] {
-            add(&refused, &vec![("reason".into(), reason.into())], n);
-        }
-        let reclaimed = m.counter(
-            "egd_reclaimed_slots",
-            "Idle EGD connections closed to make room for another peer",
-        );
-        add(&reclaimed, &Vec::new(), e.reclaimed_slots);
-        let pool = m.gauge("egd_pool_bytes", "Bytes in the EGD pool now");
-        let reserved = m.gauge(
-            "egd_reserved_bytes",
-            "Bytes of the EGD pool held as clients' credit",
-        );
-        set(&pool, &Vec::new(), e.pool_bytes as i64);
-        set(&reserved, &Vec::new(), e.reserved_bytes as i64);
-        let served = m.counter("egd_client_served_bytes", "Bytes served to each EGD client");
-        let pending = m.gauge(
-            "egd_client_requests_pending",
-            "Requests each EGD client has waiting",
-        );
-        let wait = m.fgauge(
-            "egd_client_wait_seconds",
-            "How long each EGD client's requests waited, read to answered (quantile 0.5 or 0.99, within 19 %)",
-        );
-        for c in &e.clients {
-            let l: Labels = vec![
-                ("client".into(), c.id.to_string()),
-                ("peer".into(), c.peer.clone()),
-            ];
-            add(&served, &l, c.bytes_served);
-            set(&pending, &l, c.requests_pending as i64);
-            for (q, name) in [(0.5, "0.5"), (0.99, "0.99")] {
-                if let Some(d) = c.waits.quantile(q) {
-                    fset(&wait, &with(l.clone(), "quantile", name), d.as_secs_f64());
-                }
+    let reclaimed = m.counter(
+        "egd_reclaimed_slots",
+        "Idle EGD connections closed to make room for another peer",
+    );
+    add(&reclaimed, &Vec::new(), e.reclaimed_slots);
+    let pool = m.gauge("egd_pool_bytes", "Bytes in the EGD pool now");
+    let reserved = m.gauge(
+        "egd_reserved_bytes",
+        "Bytes of the EGD pool held as clients' credit",
+    );
+    set(&pool, &Vec::new(), e.pool_bytes as i64);
+    set(&reserved, &Vec::new(), e.reserved_bytes as i64);
+    egd_client_metrics(m, e);
+}
+
+/// Each EGD client's bytes served, requests pending and wait quantiles.
+fn egd_client_metrics(m: &mut Metrics<'_>, e: &EgdStats) {
+    let served = m.counter("egd_client_served_bytes", "Bytes served to each EGD client");
+    let pending = m.gauge(
+        "egd_client_requests_pending",
+        "Requests each EGD client has waiting",
+    );
+    let wait = m.fgauge(
+        "egd_client_wait_seconds",
+        "How long each EGD client's requests waited, read to answered (quantile 0.5 or 0.99, within 19 %)",
+    );
+    for c in &e.clients {
+        let l: Labels = vec![
+            ("client".into(), c.id.to_string()),
+            ("peer".into(), c.peer.clone()),
+        ];
+        add(&served, &l, c.bytes_served);
+        set(&pending, &l, c.requests_pending as i64);
+        for (q, name) in [(0.5, "0.5"), (0.99, "0.99")] {
+            if let Some(d) = c.waits.quantile(q) {
+                fset(&wait, &with(l.clone(), "quantile", name), d.as_secs_f64());
             }
         }
     }
-    reg
 }
 
 /// The Prometheus text for `s`.

@@ -178,101 +178,7 @@ pub fn render(doc: &Value) -> String {
         if keys.len() == 1 { "" } else { "s" }
     );
     for k in &keys {
-        let serial = k["serial"].as_str().unwrap_or("(not identified yet)");
-        let _ = writeln!(
-            out,
-            "\nkey {serial}  via {}",
-            k["transport"].as_str().unwrap_or("?")
-        );
-        let state = if k["connected"].as_bool() == Some(true) {
-            format!(
-                "{} ({})",
-                k["state"].as_str().unwrap_or("?"),
-                k["reason"].as_str().unwrap_or("?")
-            )
-        } else {
-            "disconnected".into()
-        };
-        let _ = writeln!(out, "  state        {state}");
-        let _ = writeln!(
-            out,
-            "  health       {}, {}",
-            num(&k["temperature_celsius"], " °C", 1),
-            num(&k["voltage_volts"], " V", 2)
-        );
-        if let Some(f) = k["fips"].as_object() {
-            let _ = writeln!(
-                out,
-                "  FIPS 140-2   {} blocks, {} failures (monobit {}, poker {}, runs {})",
-                f["blocks"], f["failures"], f["monobit"], f["poker"], f["runs"]
-            );
-        }
-        if let Some(s) = k["shannons_per_byte"].as_object() {
-            let _ = writeln!(
-                out,
-                "  Sh/byte      raw L {} R {} XOR {}, debiased L {} R {}",
-                num(&s["raw_left"], "", 2),
-                num(&s["raw_right"], "", 2),
-                num(&s["raw_xor"], "", 2),
-                num(&s["debiased_left"], "", 2),
-                num(&s["debiased_right"], "", 2)
-            );
-        }
-        let g = &k["health_gate"];
-        let gate = if g["open"].as_bool() == Some(false) {
-            format!("CLOSED: {}", g["reason"].as_str().unwrap_or("?"))
-        } else {
-            "open".into()
-        };
-        let _ = writeln!(
-            out,
-            "  gate         {gate}; {} blocks tested, {} failed, closed {} times{}",
-            g["blocks_tested"],
-            g["blocks_failed"],
-            g["times_closed"],
-            g["warnings"]
-                .as_str()
-                .map_or_else(String::new, |w| format!("; WARNING: {w}"))
-        );
-        let a = &k["accounting"];
-        let _ = writeln!(
-            out,
-            "  bytes        {} received = {} discarded + {} in the gate + {} to the kernel{} + {} to the EGD pool ({} served{}) + {} to the file + {} unused + {}{} queued",
-            human_bytes(a["received"].as_u64().unwrap_or(0)),
-            human_bytes(a["discarded"].as_u64().unwrap_or(0)),
-            human_bytes(a["in_gate"].as_u64().unwrap_or(0)),
-            human_bytes(a["to_kernel"].as_u64().unwrap_or(0)),
-            withdrawn_note(&a["kernel_withdrawn"], " (", ")"),
-            human_bytes(a["to_egd"].as_u64().unwrap_or(0)),
-            human_bytes(a["egd_served"].as_u64().unwrap_or(0)),
-            withdrawn_note(&a["egd_withdrawn"], ", ", ""),
-            human_bytes(a["to_file"].as_u64().unwrap_or(0)),
-            human_bytes(a["unused"].as_u64().unwrap_or(0)),
-            match a["withdrawn"].as_u64().unwrap_or(0) {
-                0 => String::new(),
-                n => format!("{} withdrawn + ", human_bytes(n)),
-            },
-            human_bytes(a["queued"].as_u64().unwrap_or(0)),
-        );
-        let _ = writeln!(
-            out,
-            "  entropy      {} delivered, {} B/s",
-            human_bytes(k["bytes_delivered"].as_u64().unwrap_or(0)),
-            k["entropy_rate_bytes_per_second"]
-        );
-        let _ = writeln!(
-            out,
-            "  errors       {} bad MACs, {} framing, {} replays dropped",
-            k["mac_failures"], k["framing_errors"], k["replays_dropped"]
-        );
-        let _ = writeln!(
-            out,
-            "  sessions     {} re-keys, {} resets, {} connects, up {}",
-            k["rekeys"],
-            k["resets"],
-            k["connects"],
-            duration(k["uptime_seconds"].as_f64().unwrap_or(0.0))
-        );
+        render_key(&mut out, k);
     }
     if let Some(k) = doc["kernel"].as_object() {
         let _ = writeln!(
@@ -285,45 +191,158 @@ pub fn render(doc: &Value) -> String {
         );
     }
     if let Some(e) = doc["egd"].as_object() {
-        let clients = e["clients"].as_array().cloned().unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "\nEGD server: {} client{} now, {} served, {} clients in all, {} in the pool ({} held as credit)",
-            clients.len(),
-            if clients.len() == 1 { "" } else { "s" },
-            human_bytes(e["total_served"].as_u64().unwrap_or(0)),
-            e["total_clients"],
-            human_bytes(e["pool_bytes"].as_u64().unwrap_or(0)),
-            human_bytes(e["reserved_bytes"].as_u64().unwrap_or(0)),
-        );
-        let _ = writeln!(
-            out,
-            "  refused: {} not allowed, {} at their peer's cap, {} with every slot taken; {} idle slots reclaimed; {} closed for protocol errors",
-            e["refused_not_allowed"],
-            e["refused_peer_cap"],
-            e["rejected_clients"],
-            e["reclaimed_slots"],
-            e["closed_for_protocol_errors"]
-        );
-        let wait = |v: &Value| {
-            v.as_f64()
-                .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"))
-        };
-        for c in &clients {
-            let _ = writeln!(
-                out,
-                "  #{} {}  share {}, {} served, {} pending, wait p50 {} p99 {}, connected {}, idle {}",
-                c["id"],
-                c["peer"].as_str().unwrap_or("?"),
-                c["share"],
-                human_bytes(c["bytes_served"].as_u64().unwrap_or(0)),
-                c["requests_pending"],
-                wait(&c["wait_p50_ms"]),
-                wait(&c["wait_p99_ms"]),
-                duration(c["connected_seconds"].as_f64().unwrap_or(0.0)),
-                duration(c["idle_seconds"].as_f64().unwrap_or(0.0)),
-            );
-        }
+        render_egd(&mut out, e);
     }
     out
+}
+
+/// One key's section: its link and state, what it says of itself, its
+/// gate, where its bytes went, and its counters.
+fn render_key(out: &mut String, k: &Value) {
+    let serial = k["serial"].as_str().unwrap_or("(not identified yet)");
+    let _ = writeln!(
+        out,
+        "\nkey {serial}  via {}",
+        k["transport"].as_str().unwrap_or("?")
+    );
+    let state = if k["connected"].as_bool() == Some(true) {
+        format!(
+            "{} ({})",
+            k["state"].as_str().unwrap_or("?"),
+            k["reason"].as_str().unwrap_or("?")
+        )
+    } else {
+        "disconnected".into()
+    };
+    let _ = writeln!(out, "  state        {state}");
+    let _ = writeln!(
+        out,
+        "  health       {}, {}",
+        num(&k["temperature_celsius"], " °C", 1),
+        num(&k["voltage_volts"], " V", 2)
+    );
+    if let Some(f) = k["fips"].as_object() {
+        let _ = writeln!(
+            out,
+            "  FIPS 140-2   {} blocks, {} failures (monobit {}, poker {}, runs {})",
+            f["blocks"], f["failures"], f["monobit"], f["poker"], f["runs"]
+        );
+    }
+    if let Some(s) = k["shannons_per_byte"].as_object() {
+        let _ = writeln!(
+            out,
+            "  Sh/byte      raw L {} R {} XOR {}, debiased L {} R {}",
+            num(&s["raw_left"], "", 2),
+            num(&s["raw_right"], "", 2),
+            num(&s["raw_xor"], "", 2),
+            num(&s["debiased_left"], "", 2),
+            num(&s["debiased_right"], "", 2)
+        );
+    }
+    render_gate(out, &k["health_gate"]);
+    render_accounting(out, &k["accounting"]);
+    let _ = writeln!(
+        out,
+        "  entropy      {} delivered, {} B/s",
+        human_bytes(k["bytes_delivered"].as_u64().unwrap_or(0)),
+        k["entropy_rate_bytes_per_second"]
+    );
+    let _ = writeln!(
+        out,
+        "  errors       {} bad MACs, {} framing, {} replays dropped",
+        k["mac_failures"], k["framing_errors"], k["replays_dropped"]
+    );
+    let _ = writeln!(
+        out,
+        "  sessions     {} re-keys, {} resets, {} connects, up {}",
+        k["rekeys"],
+        k["resets"],
+        k["connects"],
+        duration(k["uptime_seconds"].as_f64().unwrap_or(0.0))
+    );
+}
+
+/// A key's `gate` line: open or why closed, its counters, any warning.
+fn render_gate(out: &mut String, g: &Value) {
+    let gate = if g["open"].as_bool() == Some(false) {
+        format!("CLOSED: {}", g["reason"].as_str().unwrap_or("?"))
+    } else {
+        "open".into()
+    };
+    let _ = writeln!(
+        out,
+        "  gate         {gate}; {} blocks tested, {} failed, closed {} times{}",
+        g["blocks_tested"],
+        g["blocks_failed"],
+        g["times_closed"],
+        g["warnings"]
+            .as_str()
+            .map_or_else(String::new, |w| format!("; WARNING: {w}"))
+    );
+}
+
+/// A key's `bytes` line: where its verified bytes went.
+fn render_accounting(out: &mut String, a: &Value) {
+    let _ = writeln!(
+        out,
+        "  bytes        {} received = {} discarded + {} in the gate + {} to the kernel{} + {} to the EGD pool ({} served{}) + {} to the file + {} unused + {}{} queued",
+        human_bytes(a["received"].as_u64().unwrap_or(0)),
+        human_bytes(a["discarded"].as_u64().unwrap_or(0)),
+        human_bytes(a["in_gate"].as_u64().unwrap_or(0)),
+        human_bytes(a["to_kernel"].as_u64().unwrap_or(0)),
+        withdrawn_note(&a["kernel_withdrawn"], " (", ")"),
+        human_bytes(a["to_egd"].as_u64().unwrap_or(0)),
+        human_bytes(a["egd_served"].as_u64().unwrap_or(0)),
+        withdrawn_note(&a["egd_withdrawn"], ", ", ""),
+        human_bytes(a["to_file"].as_u64().unwrap_or(0)),
+        human_bytes(a["unused"].as_u64().unwrap_or(0)),
+        match a["withdrawn"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!("{} withdrawn + ", human_bytes(n)),
+        },
+        human_bytes(a["queued"].as_u64().unwrap_or(0)),
+    );
+}
+
+/// The EGD server's section: its totals, refusals and one line per client.
+fn render_egd(out: &mut String, e: &serde_json::Map<String, Value>) {
+    let clients = e["clients"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "\nEGD server: {} client{} now, {} served, {} clients in all, {} in the pool ({} held as credit)",
+        clients.len(),
+        if clients.len() == 1 { "" } else { "s" },
+        human_bytes(e["total_served"].as_u64().unwrap_or(0)),
+        e["total_clients"],
+        human_bytes(e["pool_bytes"].as_u64().unwrap_or(0)),
+        human_bytes(e["reserved_bytes"].as_u64().unwrap_or(0)),
+    );
+    let _ = writeln!(
+        out,
+        "  refused: {} not allowed, {} at their peer's cap, {} with every slot taken; {} idle slots reclaimed; {} closed for protocol errors",
+        e["refused_not_allowed"],
+        e["refused_peer_cap"],
+        e["rejected_clients"],
+        e["reclaimed_slots"],
+        e["closed_for_protocol_errors"]
+    );
+    let wait = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"))
+    };
+    for c in &clients {
+        let _ = writeln!(
+            out,
+            "  #{} {}  share {}, {} served, {} pending, wait p50 {} p99 {}, connected {}, idle {}",
+            c["id"],
+            c["peer"].as_str().unwrap_or("?"),
+            c["share"],
+            human_bytes(c["bytes_served"].as_u64().unwrap_or(0)),
+            c["requests_pending"],
+            wait(&c["wait_p50_ms"]),
+            wait(&c["wait_p99_ms"]),
+            duration(c["connected_seconds"].as_f64().unwrap_or(0.0)),
+            duration(c["idle_seconds"].as_f64().unwrap_or(0.0)),
+        );
+    }
 }

@@ -14,48 +14,59 @@ use ekey_proto::rekey::parse_master_key;
 use tracing::{info, warn};
 
 pub(crate) async fn emulate(args: EmulateArgs) -> Result<(), String> {
+    let mut key = soft_key(&args)?;
     let EmulateArgs {
         pty,
         unix,
         tty,
-        serial,
-        long_term_key,
-        master_key,
         rate,
         record,
-        noise_prefix,
-        fault_corrupt_every,
-        fault_garbage_every,
-        fault_replay_every,
-        fault_failure_mode,
-        fault_noise,
-        fault_temperature,
-        fault_on_usr1,
-        noise_seed,
+        ..
     } = args;
-    let plan = soft::FaultPlan {
-        corrupt_every: fault_corrupt_every,
-        garbage_every: fault_garbage_every,
-        replay_every: fault_replay_every,
-        failure_mode: fault_failure_mode.map(|c| c as u8),
-        noise: fault_noise.unwrap_or_default(),
-        temperature: fault_temperature,
+    let mut rec: Option<Box<dyn Write + Send>> = match &record {
+        Some(p) => Some(Box::new(create_private(p).map_err(|e| e.to_string())?)),
+        None => None,
     };
-    let serial: Serial = serial
+    let slot = soft::slot_for_rate(rate);
+    let rec = rec.as_deref_mut().map(|w| w as _);
+    if let Some(path) = tty {
+        return serve_tty(&path, &mut key, slot, rec).await;
+    }
+    if pty {
+        serve_pty(&mut key, slot, rec).await
+    } else {
+        let path = unix.ok_or("give --pty or --unix PATH")?;
+        serve_unix(&path, &mut key, slot, rec).await
+    }
+}
+
+/// The software key the options describe: its serial, keys, faults and
+/// noise.
+fn soft_key(args: &EmulateArgs) -> Result<SoftKey, String> {
+    let plan = soft::FaultPlan {
+        corrupt_every: args.fault_corrupt_every,
+        garbage_every: args.fault_garbage_every,
+        replay_every: args.fault_replay_every,
+        failure_mode: args.fault_failure_mode.map(|c| c as u8),
+        noise: args.fault_noise.unwrap_or_default(),
+        temperature: args.fault_temperature,
+    };
+    let serial: Serial = args
+        .serial
         .parse()
         .map_err(|e| format!("--serial: {e} (16 PEM64 characters)"))?;
-    let ltk = match long_term_key {
+    let ltk = match &args.long_term_key {
         Some(k) => LongTermKey::from_pem(k.trim().as_bytes())
             .map_err(|e| format!("--long-term-key: {e} (44 PEM64 characters)"))?,
         None => demo_long_term_key(),
     };
     let mut config = DeviceConfig::new(serial, ltk);
-    config.master_key = Some(match master_key {
-        Some(m) => parse_master_key(&m).map_err(|e| format!("--master-key: {e}"))?,
+    config.master_key = Some(match &args.master_key {
+        Some(m) => parse_master_key(m).map_err(|e| format!("--master-key: {e}"))?,
         None => soft::demo_master_key(),
     });
     let mut key = SoftKey::new(config);
-    if fault_on_usr1 {
+    if args.fault_on_usr1 {
         let now = soft::FaultPlan {
             failure_mode: None,
             temperature: None,
@@ -66,73 +77,81 @@ pub(crate) async fn emulate(args: EmulateArgs) -> Result<(), String> {
     } else {
         key.set_faults(plan);
     }
-    if let Some(h) = noise_seed {
+    if let Some(h) = &args.noise_seed {
         let seed: [u8; 32] = hex::decode(h.trim())
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or("--noise-seed: 64 hex digits")?;
         key.seed_noise(seed);
     }
-    if let Some(h) = noise_prefix {
+    if let Some(h) = &args.noise_prefix {
         key.script_noise(&hex::decode(h.trim()).map_err(|e| format!("--noise-prefix: {e}"))?);
     }
-    let mut rec: Option<Box<dyn Write + Send>> = match &record {
-        Some(p) => Some(Box::new(create_private(p).map_err(|e| e.to_string())?)),
-        None => None,
-    };
-    let slot = soft::slot_for_rate(rate);
-    if let Some(path) = tty {
-        let rec = rec.as_deref_mut().map(|w| w as _);
-        return serve_tty(&path, &mut key, slot, rec).await;
+    Ok(key)
+}
+
+/// `emulate --pty`: serves the key on a new pty (its path on standard
+/// output) until the other side hangs up or Ctrl-C.
+async fn serve_pty(
+    key: &mut SoftKey,
+    slot: Duration,
+    rec: Option<&mut (dyn Write + Send)>,
+) -> Result<(), String> {
+    let (mut master, path) =
+        transport::open_pty().map_err(|e| format!("cannot create a pty: {e}"))?;
+    println!("{}", path.display());
+    let _ = io::stdout().flush();
+    info!("software key {} on {}", key.serial(), path.display());
+    tokio::select! {
+        r = soft::serve(&mut master, key, slot, rec) => {
+            r.map_err(|e| format!("pty: {e}"))
+        }
+        _ = tokio::signal::ctrl_c() => Ok(()),
     }
-    if pty {
-        let (mut master, path) =
-            transport::open_pty().map_err(|e| format!("cannot create a pty: {e}"))?;
-        println!("{}", path.display());
-        let _ = io::stdout().flush();
-        info!("software key {serial} on {}", path.display());
+}
+
+/// `emulate --unix`: serves the key to one client at a time on a Unix
+/// socket at `path` (replacing a stale socket there) until a signal, then
+/// removes the socket.
+async fn serve_unix(
+    path: &Path,
+    key: &mut SoftKey,
+    slot: Duration,
+    mut rec: Option<&mut (dyn Write + Send)>,
+) -> Result<(), String> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    println!("{}", path.display());
+    let _ = io::stdout().flush();
+    info!("software key {} on {}", key.serial(), path.display());
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    loop {
         tokio::select! {
-            r = soft::serve(&mut master, &mut key, slot, rec.as_deref_mut().map(|w| w as _)) => {
-                r.map_err(|e| format!("pty: {e}"))
-            }
-            _ = tokio::signal::ctrl_c() => Ok(()),
-        }
-    } else {
-        let path = unix.ok_or("give --pty or --unix PATH")?;
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            use std::os::unix::fs::FileTypeExt;
-            if meta.file_type().is_socket() {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        let listener = tokio::net::UnixListener::bind(&path)
-            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        println!("{}", path.display());
-        let _ = io::stdout().flush();
-        info!("software key {serial} on {}", path.display());
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-        loop {
-            tokio::select! {
-                a = listener.accept() => {
-                    let (mut stream, _) = a.map_err(|e| format!("accept: {e}"))?;
-                    info!("client connected");
-                    tokio::select! {
-                        r = soft::serve(&mut stream, &mut key, slot, rec.as_deref_mut().map(|w| w as _)) => {
-                            if let Err(e) = r { warn!("client: {e}"); }
-                            info!("client disconnected");
-                        }
-                        _ = tokio::signal::ctrl_c() => break,
-                        _ = sigterm.recv() => break,
+            a = listener.accept() => {
+                let (mut stream, _) = a.map_err(|e| format!("accept: {e}"))?;
+                info!("client connected");
+                tokio::select! {
+                    r = soft::serve(&mut stream, key, slot, rec.as_deref_mut().map(|w| w as _)) => {
+                        if let Err(e) = r { warn!("client: {e}"); }
+                        info!("client disconnected");
                     }
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = sigterm.recv() => break,
                 }
-                _ = tokio::signal::ctrl_c() => break,
-                _ = sigterm.recv() => break,
             }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
         }
-        let _ = std::fs::remove_file(&path);
-        Ok(())
     }
+    let _ = std::fs::remove_file(path);
+    Ok(())
 }
 
 /// A flag set when the process gets SIGUSR1.

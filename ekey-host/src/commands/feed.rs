@@ -533,17 +533,9 @@ async fn session<S: EntropySink>(
             let Some(wake) = feeder.next_wake() else {
                 continue;
             };
-            let mut probe = [0u8; 1];
-            tokio::select! {
-                _ = tokio::time::sleep_until(Instant::from_std(wake)) => continue,
-                r = conn.read(&mut probe) => {
-                    probe.zeroize();
-                    return End::Lost(match r {
-                        Ok(0) => "the server closed the connection".into(),
-                        Ok(_) => "the server sent data nobody asked for".into(),
-                        Err(e) => e.to_string(),
-                    });
-                }
+            match idle_until(conn, wake).await {
+                Some(why) => return End::Lost(why),
+                None => continue,
             }
         }
         // Filling: one request's worth at a time (the feeder takes any
@@ -587,6 +579,23 @@ async fn session<S: EntropySink>(
                 return End::Fatal(e.to_string());
             }
             warn!("feed: RNDADDENTROPY failed: {e}");
+        }
+    }
+}
+
+/// Waits until `wake` without asking for anything; why the connection is
+/// lost if the server hangs up (or sends something) meanwhile.
+async fn idle_until(conn: &mut Conn, wake: std::time::Instant) -> Option<String> {
+    let mut probe = [0u8; 1];
+    tokio::select! {
+        _ = tokio::time::sleep_until(Instant::from_std(wake)) => None,
+        r = conn.read(&mut probe) => {
+            probe.zeroize();
+            Some(match r {
+                Ok(0) => "the server closed the connection".into(),
+                Ok(_) => "the server sent data nobody asked for".into(),
+                Err(e) => e.to_string(),
+            })
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::keys::usb;
 use ekey_proto::keys::{LongTermKey, Serial};
 use ekey_proto::rekey::parse_master_key;
 use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
 use tracing::warn;
 
 /// The master key from the option, a file, or a prompt (no echo).
@@ -125,72 +126,20 @@ pub(crate) async fn rekey_command(args: RekeyArgs) -> Result<(), String> {
         ),
         None => None,
     };
-    let mut ring = if args.no_keyring {
-        None
-    } else {
-        Some(match Keyring::load(&args.keyring) {
-            Ok(r) => r,
-            Err(keyring::KeyringError::Io { source, .. })
-                if source.kind() == io::ErrorKind::NotFound =>
-            {
-                Keyring::new()
-            }
-            Err(e) => {
-                return Err(format!(
-                    "{e}\n(the keyring is rewritten after a re-key: fix it first)"
-                ));
-            }
-        })
-    };
-    // Ask a running daemon to let go of the key, and to take it back after.
-    let target = match (&args.device, &args.serial) {
-        (Some(p), _) => Some(p.display().to_string()),
-        (None, Some(s)) => Some(s.clone()),
-        (None, None) => usb::list().await.ok().and_then(|k| {
-            (k.len() == 1)
-                .then(|| k[0].serial_number().map(str::to_owned))
-                .flatten()
-        }),
-    };
-    // The release lasts while `held_release` keeps the control connection open:
-    // if this process dies, the daemon takes the key back by itself.
-    let mut released = None;
-    let mut held_release = None;
-    if let Some(t) = &target {
-        match control::hold(&args.control, &format!("release {t}")).await {
-            Ok((a, conn)) if a.starts_with("ok") => {
-                released = Some(t.clone());
-                held_release = Some(conn);
-            }
-            Ok((a, _)) => {
-                return Err(format!(
-                    "the running daemon could not let go of the key: {}",
-                    a.trim()
-                ));
-            }
-            // No daemon listening there: nothing holds the key.
-            Err(control::ControlError::Unreachable { source, .. })
-                if matches!(
-                    source.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                ) => {}
-            Err(e) => {
-                return Err(format!(
-                    "cannot ask the running daemon to let go of the key: {e}"
-                ));
-            }
-        }
-    }
+    let mut ring = load_keyring(&args)?;
+    // The release lasts while the held control connection stays open: if
+    // this process dies, the daemon takes the key back by itself.
+    let held = ask_release(&args).await?;
     let result = tokio::select! {
         r = rekey_exchange(&args, master, nonce, ring.as_mut()) => r,
         _ = tokio::signal::ctrl_c() => Err("interrupted; if an L command had reached the key, run the re-key again".into()),
     };
-    if let Some(t) = released
+    if let Some((t, _)) = &held
         && let Err(e) = control::request(&args.control, &format!("resume {t}")).await
     {
         eprintln!("ekey-host: could not tell the daemon to take the key back: {e}");
     }
-    drop(held_release);
+    drop(held);
     let (serial, key) = result?;
     match ring {
         None => {
@@ -207,6 +156,64 @@ pub(crate) async fn rekey_command(args: RekeyArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The keyring to update, unless `--no-keyring`; a missing file is an
+/// empty keyring, an unreadable one an error.
+fn load_keyring(args: &RekeyArgs) -> Result<Option<Keyring>, String> {
+    if args.no_keyring {
+        return Ok(None);
+    }
+    Ok(Some(match Keyring::load(&args.keyring) {
+        Ok(r) => r,
+        Err(keyring::KeyringError::Io { source, .. })
+            if source.kind() == io::ErrorKind::NotFound =>
+        {
+            Keyring::new()
+        }
+        Err(e) => {
+            return Err(format!(
+                "{e}\n(the keyring is rewritten after a re-key: fix it first)"
+            ));
+        }
+    }))
+}
+
+/// Asks a running daemon to let go of the key, and to take it back after:
+/// the target named in the release and the control connection that holds
+/// it, or nothing if no daemon listens (or the key cannot be named).
+async fn ask_release(args: &RekeyArgs) -> Result<Option<(String, UnixStream)>, String> {
+    let target = match (&args.device, &args.serial) {
+        (Some(p), _) => Some(p.display().to_string()),
+        (None, Some(s)) => Some(s.clone()),
+        (None, None) => usb::list().await.ok().and_then(|k| {
+            (k.len() == 1)
+                .then(|| k[0].serial_number().map(str::to_owned))
+                .flatten()
+        }),
+    };
+    let Some(t) = target else {
+        return Ok(None);
+    };
+    match control::hold(&args.control, &format!("release {t}")).await {
+        Ok((a, conn)) if a.starts_with("ok") => Ok(Some((t, conn))),
+        Ok((a, _)) => Err(format!(
+            "the running daemon could not let go of the key: {}",
+            a.trim()
+        )),
+        // No daemon listening there: nothing holds the key.
+        Err(control::ControlError::Unreachable { source, .. })
+            if matches!(
+                source.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(format!(
+            "cannot ask the running daemon to let go of the key: {e}"
+        )),
+    }
+}
+
 /// The exchange itself; on success the keyring (if any) is written.
 pub(crate) async fn rekey_exchange(
     args: &RekeyArgs,
@@ -214,7 +221,7 @@ pub(crate) async fn rekey_exchange(
     nonce: Option<[u8; 12]>,
     ring: Option<&mut Keyring>,
 ) -> Result<(Serial, LongTermKey), String> {
-    use ekey_proto::rekey::{LongTermRekey, RekeyConfig, RekeyOutcome};
+    use ekey_proto::rekey::{LongTermRekey, RekeyConfig};
     use tokio::io::AsyncReadExt;
     let (mut link, where_, expected) = rekey_target(args).await?;
     driver::drain(
@@ -261,11 +268,22 @@ pub(crate) async fn rekey_exchange(
             _ = sleep_until_opt(deadline) => proc.handle_timeout(now()),
         }
     };
+    outcome_result(outcome, ring, &args.keyring)
+}
+
+/// What the re-key's `outcome` means: the key's new long-term key, stored
+/// in `ring` (if any, written to `keyring_path`), or why there is none.
+fn outcome_result(
+    outcome: ekey_proto::rekey::RekeyOutcome,
+    ring: Option<&mut Keyring>,
+    keyring_path: &std::path::Path,
+) -> Result<(Serial, LongTermKey), String> {
+    use ekey_proto::rekey::RekeyOutcome;
     match outcome {
         RekeyOutcome::Done { serial, key } => {
             if let Some(ring) = ring {
                 ring.set(serial, key.clone());
-                ring.save(&args.keyring).map_err(|e| {
+                ring.save(keyring_path).map_err(|e| {
                     format!(
                         "key {serial} has a new long-term key, but the keyring could not be written: {e}; \
                          run the re-key again once the keyring is writable"

@@ -70,6 +70,16 @@ pub(crate) fn test_report(k: &KeyStatus, blocks: u64) -> (String, bool) {
         "  {:<32}{allowed} (more has odds under 1e-6 for a good key)",
         "failed blocks allowed:"
     );
+    let (verdict, pass) = verdict(g, blocks, allowed);
+    let _ = writeln!(r, "  {:<32}{verdict}", "verdict:");
+    (r, pass)
+}
+
+/// The verdict on a key whose health gate is `g`, when `blocks` blocks
+/// were asked for and chance allows `allowed` failed ones; and whether the
+/// key passed.
+fn verdict(g: &ekey_proto::health::GateStatus, blocks: u64, allowed: u64) -> (String, bool) {
+    let c = &g.counters;
     let pass =
         c.times_closed == 0 && g.open && c.blocks_tested >= blocks && c.blocks_failed <= allowed;
     let verdict = if pass {
@@ -86,8 +96,7 @@ pub(crate) fn test_report(k: &KeyStatus, blocks: u64) -> (String, bool) {
     } else {
         "FAIL (too few blocks tested)".to_string()
     };
-    let _ = writeln!(r, "  {:<32}{verdict}", "verdict:");
-    (r, pass)
+    (verdict, pass)
 }
 
 /// Chance that a block of a good key fails any of the tests (FIPS 140-2

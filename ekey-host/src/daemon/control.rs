@@ -183,87 +183,94 @@ impl Daemon {
         let (verb, arg) = command.split_once(' ').unwrap_or((command, ""));
         let arg = arg.trim();
         match (verb, arg) {
-            ("status", "") => {
-                let snapshot = snapshot(&self.statuses);
-                let mut doc =
-                    status::status_json(&snapshot, std::time::Instant::now(), self.started);
-                if let Some(e) = &self.egd {
-                    let e = e.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    // Per key: of the bytes handed to the EGD pool, how
-                    // many clients got.
-                    if let Some(keys) = doc["keys"].as_array_mut() {
-                        for (k, st) in keys.iter_mut().zip(&snapshot) {
-                            let served = st
-                                .serial
-                                .and_then(|s| e.served_by_key.get(&s).copied())
-                                .unwrap_or(0);
-                            let withdrawn = st
-                                .serial
-                                .and_then(|s| e.withdrawn_by_key.get(&s).copied())
-                                .unwrap_or(0);
-                            k["accounting"]["egd_served"] = serde_json::json!(served);
-                            k["accounting"]["egd_withdrawn"] = serde_json::json!(withdrawn);
-                        }
-                    }
-                    doc["egd"] = e.to_json();
-                }
-                if let Some(k) = &self.kernel {
-                    let k = k.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    // Per key: what the kernel accepted, and the credit.
-                    if let Some(keys) = doc["keys"].as_array_mut() {
-                        for (entry, st) in keys.iter_mut().zip(&snapshot) {
-                            let accepted = st
-                                .serial
-                                .and_then(|s| k.bytes_by_key.get(&s).copied())
-                                .unwrap_or(0);
-                            let withdrawn = st
-                                .serial
-                                .and_then(|s| k.withdrawn_by_key.get(&s).copied())
-                                .unwrap_or(0);
-                            let a = &mut entry["accounting"];
-                            a["kernel_accepted"] = serde_json::json!(accepted);
-                            a["kernel_withdrawn"] = serde_json::json!(withdrawn);
-                            a["kernel_bits_credited"] =
-                                serde_json::json!(accepted * u64::from(self.kernel_bits));
-                        }
-                    }
-                    doc["kernel"] = serde_json::json!({
-                        "mode": k.mode.to_string(),
-                        "bytes_written": k.bytes_written,
-                        "bits_credited": k.bits_credited,
-                        "ioctl_failures": k.ioctl_failures,
-                    });
-                }
-                format!("{doc}\n")
-            }
+            ("status", "") => self.answer_status(),
             ("reload", "") => match self.reload() {
                 Ok(n) => format!("ok: keyring reloaded, {n} keys\n"),
                 Err(e) => format!("error: {e}\n"),
             },
-            ("release", target) if !target.is_empty() => {
-                let held = self.holds(target);
-                self.released_tx.send_modify(|set| {
-                    Arc::make_mut(set).insert(target.to_owned());
-                });
-                if !held {
-                    return "ok: not held\n".into();
-                }
-                for _ in 0..100 {
-                    if !self.holds(target) {
-                        return "ok: released\n".into();
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                // Not let go of: take the request back, or the key would
-                // stop the moment it did.
-                self.released_tx.send_modify(|set| {
-                    Arc::make_mut(set).remove(target);
-                });
-                "error: the key was not released in time\n".into()
-            }
+            ("release", target) if !target.is_empty() => self.answer_release(target).await,
             ("resume", target) if !target.is_empty() => self.resume(target),
             _ => format!("error: unknown command {command:?}\n"),
         }
+    }
+
+    /// The `status` answer: the status document, with the EGD and kernel
+    /// outputs' own books of each key and their counters.
+    fn answer_status(&self) -> String {
+        let snapshot = snapshot(&self.statuses);
+        let mut doc = status::status_json(&snapshot, std::time::Instant::now(), self.started);
+        if let Some(e) = &self.egd {
+            let e = e.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            // Per key: of the bytes handed to the EGD pool, how
+            // many clients got.
+            if let Some(keys) = doc["keys"].as_array_mut() {
+                for (k, st) in keys.iter_mut().zip(&snapshot) {
+                    let served = st
+                        .serial
+                        .and_then(|s| e.served_by_key.get(&s).copied())
+                        .unwrap_or(0);
+                    let withdrawn = st
+                        .serial
+                        .and_then(|s| e.withdrawn_by_key.get(&s).copied())
+                        .unwrap_or(0);
+                    k["accounting"]["egd_served"] = serde_json::json!(served);
+                    k["accounting"]["egd_withdrawn"] = serde_json::json!(withdrawn);
+                }
+            }
+            doc["egd"] = e.to_json();
+        }
+        if let Some(k) = &self.kernel {
+            let k = k.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            // Per key: what the kernel accepted, and the credit.
+            if let Some(keys) = doc["keys"].as_array_mut() {
+                for (entry, st) in keys.iter_mut().zip(&snapshot) {
+                    let accepted = st
+                        .serial
+                        .and_then(|s| k.bytes_by_key.get(&s).copied())
+                        .unwrap_or(0);
+                    let withdrawn = st
+                        .serial
+                        .and_then(|s| k.withdrawn_by_key.get(&s).copied())
+                        .unwrap_or(0);
+                    let a = &mut entry["accounting"];
+                    a["kernel_accepted"] = serde_json::json!(accepted);
+                    a["kernel_withdrawn"] = serde_json::json!(withdrawn);
+                    a["kernel_bits_credited"] =
+                        serde_json::json!(accepted * u64::from(self.kernel_bits));
+                }
+            }
+            doc["kernel"] = serde_json::json!({
+                "mode": k.mode.to_string(),
+                "bytes_written": k.bytes_written,
+                "bits_credited": k.bits_credited,
+                "ioctl_failures": k.ioctl_failures,
+            });
+        }
+        format!("{doc}\n")
+    }
+
+    /// The `release` answer: asks the driver of `target` to let go of it,
+    /// and waits up to 5 s for it to; taken back if it was not let go of.
+    async fn answer_release(&self, target: &str) -> String {
+        let held = self.holds(target);
+        self.released_tx.send_modify(|set| {
+            Arc::make_mut(set).insert(target.to_owned());
+        });
+        if !held {
+            return "ok: not held\n".into();
+        }
+        for _ in 0..100 {
+            if !self.holds(target) {
+                return "ok: released\n".into();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Not let go of: take the request back, or the key would
+        // stop the moment it did.
+        self.released_tx.send_modify(|set| {
+            Arc::make_mut(set).remove(target);
+        });
+        "error: the key was not released in time\n".into()
     }
 
     /// Takes a released key back, with the keyring re-read (it may hold

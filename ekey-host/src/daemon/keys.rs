@@ -61,65 +61,70 @@ pub(crate) fn start_usb_key(
         info.serial_number(),
         ctx.gate,
     );
-    let mut ctx = ctx.clone();
-    tokio::spawn(async move {
-        let where_ = usb::describe(&info);
-        loop {
-            match usb::open(&info).await {
-                Ok((mut link, dev)) => match drive_one(&mut link, &mut ctx, &status, true).await {
-                    Ok(Ended::Unresponsive) => {
-                        warn!("{where_}: key does not answer; resetting its USB port");
-                        drop(link);
-                        if let Err(e) = usb::reset(&dev).await {
-                            warn!("{where_}: USB port reset failed: {e}");
-                        }
-                    }
-                    Ok(Ended::Released) => {
-                        // Let go (interface released) until the re-key is
-                        // done, then take the key back.
-                        drop(link);
-                        drop(dev);
-                        set_connected(&status, false);
-                        info!("{where_}: key released for a re-key");
-                        wait_until_resumed(&mut ctx, &status).await;
-                        continue;
-                    }
-                    Ok(Ended::Closed) => info!("{where_}: key unplugged"),
-                    Ok(Ended::OutputClosed) => {}
-                    Err(e) => {
-                        // An unplugged key's transfers fail with whatever
-                        // the host controller makes of it; tell the two
-                        // apart by whether the device is still there.
-                        if still_listed(id, &e).await {
-                            warn!("{where_}: the key stopped working: {e}");
-                        } else {
-                            info!("{where_}: key unplugged ({e})");
-                        }
-                    }
-                },
-                Err(e) => {
-                    warn!("{e}");
-                    // Not retried by the rescan (it would fail the same
-                    // way every few seconds); a re-plug retries.
-                    seen.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .failed
-                        .insert(id);
-                    if ctx.is_read {
-                        let _ = ctx
-                            .fail_tx
-                            .send((where_.clone(), format!("cannot use the key: {e}")));
+    tokio::spawn(keep_usb_key(info, ctx.clone(), status, seen));
+}
+
+/// Drives the USB key `info` until it goes away (resetting its port if
+/// it stops answering, waiting while it is released for a re-key), then
+/// marks it no longer driven.
+async fn keep_usb_key(info: nusb::DeviceInfo, mut ctx: Ctx, status: SharedStatus, seen: UsbSeen) {
+    let id = info.id();
+    let where_ = usb::describe(&info);
+    loop {
+        match usb::open(&info).await {
+            Ok((mut link, dev)) => match drive_one(&mut link, &mut ctx, &status, true).await {
+                Ok(Ended::Unresponsive) => {
+                    warn!("{where_}: key does not answer; resetting its USB port");
+                    drop(link);
+                    if let Err(e) = usb::reset(&dev).await {
+                        warn!("{where_}: USB port reset failed: {e}");
                     }
                 }
+                Ok(Ended::Released) => {
+                    // Let go (interface released) until the re-key is
+                    // done, then take the key back.
+                    drop(link);
+                    drop(dev);
+                    set_connected(&status, false);
+                    info!("{where_}: key released for a re-key");
+                    wait_until_resumed(&mut ctx, &status).await;
+                    continue;
+                }
+                Ok(Ended::Closed) => info!("{where_}: key unplugged"),
+                Ok(Ended::OutputClosed) => {}
+                Err(e) => {
+                    // An unplugged key's transfers fail with whatever
+                    // the host controller makes of it; tell the two
+                    // apart by whether the device is still there.
+                    if still_listed(id, &e).await {
+                        warn!("{where_}: the key stopped working: {e}");
+                    } else {
+                        info!("{where_}: key unplugged ({e})");
+                    }
+                }
+            },
+            Err(e) => {
+                warn!("{e}");
+                // Not retried by the rescan (it would fail the same
+                // way every few seconds); a re-plug retries.
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .failed
+                    .insert(id);
+                if ctx.is_read {
+                    let _ = ctx
+                        .fail_tx
+                        .send((where_.clone(), format!("cannot use the key: {e}")));
+                }
             }
-            break;
         }
-        set_connected(&status, false);
-        seen.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .active
-            .remove(&id);
-    });
+        break;
+    }
+    set_connected(&status, false);
+    seen.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .active
+        .remove(&id);
 }
 
 /// Whether a USB key whose transfers failed with `e` is still attached.
@@ -267,7 +272,13 @@ pub(crate) async fn drive_connected(
     let options = driver::DriveOptions {
         config: Config::default(),
         stop_when_unresponsive,
-        coalesce: driver::DriveOptions::DEFAULT_COALESCE,
+        // `read` and `test` stop after a count: shorter batches overshoot
+        // it less.
+        coalesce: if is_read {
+            driver::DriveOptions::READ_COALESCE
+        } else {
+            driver::DriveOptions::DEFAULT_COALESCE
+        },
     };
     driver::drive(
         link,

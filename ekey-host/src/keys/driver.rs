@@ -297,8 +297,14 @@ pub struct DriveOptions {
 }
 
 impl DriveOptions {
-    /// The daemon's choice: batches of about a tenth of a second.
-    pub const DEFAULT_COALESCE: Duration = Duration::from_millis(100);
+    /// The daemon's choice: batches of a quarter of a second (about 22
+    /// frames, 1.4 kB at the key's rate, well within any socket or tty
+    /// buffer): four wake-ups a second, and a lost key or a failure
+    /// report is still seen within a second.
+    pub const DEFAULT_COALESCE: Duration = Duration::from_millis(250);
+
+    /// `read` and `test`: batches of a tenth of a second.
+    pub const READ_COALESCE: Duration = Duration::from_millis(100);
 }
 
 /// Runs a session on `link` until the link or the output closes.
@@ -336,6 +342,18 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     let (mut reload_alive, mut released_alive) = (true, true);
     let mut unresponsive = false;
     let mut fast_until: Option<tokio::time::Instant> = None;
+    // One wake-up per batch (see the ticker's docs); a plain sleep if the
+    // system has no timer to spare.
+    // A read this large in one batch means the source is faster than a
+    // real key (FAST_READ per READ_INTERVAL, scaled to the batch length).
+    let fast_read = {
+        use crate::keys::transport::{FAST_READ, READ_INTERVAL};
+        let scaled = FAST_READ as u128 * coalesce.as_millis() / READ_INTERVAL.as_millis().max(1);
+        usize::try_from(scaled).unwrap_or(usize::MAX).max(FAST_READ)
+    };
+    let mut ticker = (!coalesce.is_zero())
+        .then(|| crate::keys::ticker::Ticker::new(coalesce).ok())
+        .flatten();
     loop {
         // Released before or while we were opening, or once the serial
         // became known: let go.
@@ -427,12 +445,15 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         // each one (a key sends ~100 a second). Commands still go out at
         // once, and no timeout of the session is anywhere near this short.
         // A fast source (much taken in one wake-up) is read again at once.
-        if taken >= crate::keys::transport::FAST_READ {
+        if taken >= fast_read {
             fast_until = Some(tokio::time::Instant::now() + crate::keys::transport::FAST_WINDOW);
         }
         let fast = fast_until.is_some_and(|t| tokio::time::Instant::now() < t);
         if !fast && !coalesce.is_zero() && !session.has_transmit() {
-            tokio::time::sleep(coalesce).await;
+            match ticker.as_mut() {
+                Some(t) => t.tick().await?,
+                None => tokio::time::sleep(coalesce).await,
+            }
         }
     }
 }

@@ -4,5 +4,6 @@
 
 pub mod driver;
 pub mod soft;
+pub mod ticker;
 pub mod transport;
 pub mod usb;

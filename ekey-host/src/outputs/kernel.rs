@@ -506,32 +506,17 @@ pub async fn run_with(
         if pending.is_empty() {
             continue;
         }
-        let take = want.min(pending.len());
-        let mut bytes = Zeroizing::new(vec![0u8; take]);
-        pending.copy_front(&mut bytes);
-        pending.discard_front(take);
         let before = feeder.mode().clone();
-        // One write per piece, so that each key is booked only the bytes
-        // the kernel accepted.
-        let mut result = Ok(());
-        let now = Instant::now();
-        for piece in bytes.chunks(chunk) {
-            let keys = pending_keys.take_front(piece.len());
-            match feeder.feed(now, &mut sink, piece) {
-                Ok(()) => {
-                    for (key, n) in keys {
-                        *by_key.entry(key).or_insert(0) += n as u64;
-                    }
-                }
-                Err(e) => result = Err(e),
-            }
-        }
-        {
-            let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
-            *st = feeder.stats().clone();
-            st.bytes_by_key = by_key.clone();
-            st.withdrawn_by_key = withdrawn.by_key.clone();
-        }
+        let result = write_pending(
+            &mut feeder,
+            &mut sink,
+            &mut pending,
+            &mut pending_keys,
+            &mut by_key,
+            want,
+            chunk,
+        );
+        publish_stats(&stats, &feeder, &by_key, &withdrawn);
         if *feeder.mode() != before {
             tracing::info!("kernel: {}", feeder.mode());
         }
@@ -542,6 +527,53 @@ pub async fn run_with(
             tracing::warn!("kernel: RNDADDENTROPY failed: {e}");
         }
     }
+}
+
+/// Shows the feeder's counters in `stats`, with what the kernel accepted
+/// (`by_key`) and what was withdrawn of each key.
+fn publish_stats(
+    stats: &Mutex<KernelStats>,
+    feeder: &KernelFeeder,
+    by_key: &std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    withdrawn: &Withdrawals,
+) {
+    let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
+    *st = feeder.stats().clone();
+    st.bytes_by_key = by_key.clone();
+    st.withdrawn_by_key = withdrawn.by_key.clone();
+}
+
+/// Writes up to `want` of the `pending` bytes (and their keys) to the
+/// kernel, one write per `chunk` bytes, so that each key is booked in
+/// `by_key` only the bytes the kernel accepted; the error of the last
+/// write that failed, if any.
+fn write_pending(
+    feeder: &mut KernelFeeder,
+    sink: &mut impl EntropySink,
+    pending: &mut WipeQueue,
+    pending_keys: &mut crate::outputs::egd::Runs,
+    by_key: &mut std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    want: usize,
+    chunk: usize,
+) -> io::Result<()> {
+    let take = want.min(pending.len());
+    let mut bytes = Zeroizing::new(vec![0u8; take]);
+    pending.copy_front(&mut bytes);
+    pending.discard_front(take);
+    let mut result = Ok(());
+    let now = Instant::now();
+    for piece in bytes.chunks(chunk) {
+        let keys = pending_keys.take_front(piece.len());
+        match feeder.feed(now, sink, piece) {
+            Ok(()) => {
+                for (key, n) in keys {
+                    *by_key.entry(key).or_insert(0) += n as u64;
+                }
+            }
+            Err(e) => result = Err(e),
+        }
+    }
+    result
 }
 
 #[cfg(test)]
