@@ -314,10 +314,7 @@ fn key_output_metrics(m: &mut Metrics<'_>, s: &Snapshot) {
         }
         set(&queued, &l, k.outputs.queued(gc.bytes_released) as i64);
         if let Some(kst) = &s.kernel {
-            let accepted = k
-                .serial
-                .and_then(|sn| kst.bytes_by_key.get(&sn).copied())
-                .unwrap_or(0);
+            let accepted = k.booked_in(&kst.bytes_by_key);
             add(&kernel_accepted, &l, accepted);
             add(
                 &kernel_bits,
@@ -326,10 +323,7 @@ fn key_output_metrics(m: &mut Metrics<'_>, s: &Snapshot) {
             );
         }
         if let Some(e) = &s.egd {
-            let served = k
-                .serial
-                .and_then(|sn| e.served_by_key.get(&sn).copied())
-                .unwrap_or(0);
+            let served = k.booked_in(&e.served_by_key);
             add(&egd_served, &l, served);
         }
     }

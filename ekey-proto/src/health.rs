@@ -1157,6 +1157,18 @@ impl Gate {
         Some(block)
     }
 
+    /// Times the gate went from open to closed
+    /// ([`GateCounters::times_closed`], without building a whole
+    /// [`GateStatus`]).
+    ///
+    /// ```
+    /// use ekey_proto::health::{Gate, GateConfig};
+    /// assert_eq!(Gate::new(GateConfig::default()).times_closed(), 0);
+    /// ```
+    pub fn times_closed(&self) -> u64 {
+        self.counters.times_closed
+    }
+
     /// Bytes that passed and wait for [`pop_released`](Self::pop_released)
     /// (including a remainder of less than 32 bytes).
     ///

@@ -205,14 +205,8 @@ impl Daemon {
             // many clients got.
             if let Some(keys) = doc["keys"].as_array_mut() {
                 for (k, st) in keys.iter_mut().zip(&snapshot) {
-                    let served = st
-                        .serial
-                        .and_then(|s| e.served_by_key.get(&s).copied())
-                        .unwrap_or(0);
-                    let withdrawn = st
-                        .serial
-                        .and_then(|s| e.withdrawn_by_key.get(&s).copied())
-                        .unwrap_or(0);
+                    let served = st.booked_in(&e.served_by_key);
+                    let withdrawn = st.booked_in(&e.withdrawn_by_key);
                     k["accounting"]["egd_served"] = serde_json::json!(served);
                     k["accounting"]["egd_withdrawn"] = serde_json::json!(withdrawn);
                 }
@@ -224,14 +218,8 @@ impl Daemon {
             // Per key: what the kernel accepted, and the credit.
             if let Some(keys) = doc["keys"].as_array_mut() {
                 for (entry, st) in keys.iter_mut().zip(&snapshot) {
-                    let accepted = st
-                        .serial
-                        .and_then(|s| k.bytes_by_key.get(&s).copied())
-                        .unwrap_or(0);
-                    let withdrawn = st
-                        .serial
-                        .and_then(|s| k.withdrawn_by_key.get(&s).copied())
-                        .unwrap_or(0);
+                    let accepted = st.booked_in(&k.bytes_by_key);
+                    let withdrawn = st.booked_in(&k.withdrawn_by_key);
                     let a = &mut entry["accounting"];
                     a["kernel_accepted"] = serde_json::json!(accepted);
                     a["kernel_withdrawn"] = serde_json::json!(withdrawn);

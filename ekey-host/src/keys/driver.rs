@@ -178,6 +178,14 @@ impl KeyStatus {
         }
     }
 
+    /// This key's entry in an output's books by key (0 before the serial
+    /// is known or when the output booked nothing for it).
+    pub fn booked_in(&self, by_key: &std::collections::BTreeMap<Serial, u64>) -> u64 {
+        self.serial
+            .and_then(|s| by_key.get(&s).copied())
+            .unwrap_or(0)
+    }
+
     /// Counters over every session of this key.
     pub fn totals(&self) -> Counters {
         self.earlier.merged(&self.counters)
@@ -342,8 +350,6 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     let (mut reload_alive, mut released_alive) = (true, true);
     let mut unresponsive = false;
     let mut fast_until: Option<tokio::time::Instant> = None;
-    // One wake-up per batch (see the ticker's docs); a plain sleep if the
-    // system has no timer to spare.
     // A read this large in one batch means the source is faster than a
     // real key (FAST_READ per READ_INTERVAL, scaled to the batch length).
     let fast_read = {
@@ -351,6 +357,8 @@ pub async fn drive<K: KeyLookup + ?Sized>(
         let scaled = FAST_READ as u128 * coalesce.as_millis() / READ_INTERVAL.as_millis().max(1);
         usize::try_from(scaled).unwrap_or(usize::MAX).max(FAST_READ)
     };
+    // One wake-up per batch (see the ticker's docs); a plain sleep if the
+    // system has no timer to spare.
     let mut ticker = (!coalesce.is_zero())
         .then(|| crate::keys::ticker::Ticker::new(coalesce).ok())
         .flatten();
@@ -615,10 +623,7 @@ fn gate_entropy(
     blocks: &mpsc::Sender<Block>,
 ) -> Result<(), Delivered> {
     let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
-    // Bytes still waiting in the gate passed after its latest closing
-    // (a closing discards them): this is their epoch.
-    let epoch = gate.status().counters.times_closed;
-    let (mut sent, mut closed) = hand_out(&mut gate, serial, epoch, status, blocks);
+    let (mut sent, mut closed) = hand_out(&mut gate, serial, status, blocks);
     let mut unused = 0;
     while !closed && !gate.output_has_room() {
         let Some(mut old) = gate.pop_released() else {
@@ -628,32 +633,21 @@ fn gate_entropy(
         unused += 32;
     }
     let before = gate.is_open();
-    let report = gate.push(data);
-    if let Some(r) = report.filter(|r| !r.passed()) {
+    if let Some(r) = gate.push(data).filter(|r| !r.passed()) {
         // Once closed, a dead source would fail a block a second: the
         // closing is logged, the rest is debug.
+        let failed = failed_tests(&r);
+        let msg =
+            format_args!("key {serial}: a block of 20,000 bits failed {failed} and was discarded");
         if before && gate.is_open() {
-            tracing::info!(
-                "key {serial}: a block of 20,000 bits failed {} and was discarded",
-                failed_tests(&r)
-            );
+            tracing::info!("{msg}");
         } else {
-            tracing::debug!(
-                "key {serial}: a block of 20,000 bits failed {} and was discarded",
-                failed_tests(&r)
-            );
+            tracing::debug!("{msg}");
         }
     }
     log_gate_change(serial, before, &gate);
-    let after = gate.status();
     if !closed {
-        let (more, now_closed) = hand_out(
-            &mut gate,
-            serial,
-            after.counters.times_closed,
-            status,
-            blocks,
-        );
+        let (more, now_closed) = hand_out(&mut gate, serial, status, blocks);
         sent += more;
         closed = now_closed;
     }
@@ -698,17 +692,10 @@ async fn make_room(
         return;
     };
     let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
-    let epoch = gate.status().counters.times_closed;
-    let Some(mut data) = gate.pop_released() else {
+    if !send_one(permit, &mut gate, serial, status) {
         return;
-    };
-    permit.send(Block {
-        serial,
-        data: SecretBlock::take(&mut data),
-        status: status.clone(),
-        epoch,
-    });
-    let (more, _) = hand_out(&mut gate, serial, epoch, status, blocks);
+    }
+    let (more, _) = hand_out(&mut gate, serial, status, blocks);
     drop(gate);
     status.lock().unwrap_or_else(|p| p.into_inner()).delivered += 32 + more;
 }
@@ -719,7 +706,6 @@ async fn make_room(
 fn hand_out(
     gate: &mut Gate,
     serial: Serial,
-    epoch: u64,
     status: &SharedStatus,
     blocks: &mpsc::Sender<Block>,
 ) -> (u64, bool) {
@@ -730,16 +716,32 @@ fn hand_out(
             Err(mpsc::error::TrySendError::Full(())) => break,
             Err(mpsc::error::TrySendError::Closed(())) => return (sent, true),
         };
-        let Some(mut data) = gate.pop_released() else {
+        if !send_one(permit, gate, serial, status) {
             break;
-        };
-        permit.send(Block {
-            serial,
-            data: SecretBlock::take(&mut data),
-            status: status.clone(),
-            epoch,
-        });
+        }
         sent += 32;
     }
     (sent, false)
+}
+
+/// Sends the gate's next 32 released bytes with `permit`; `false` if it
+/// has none. Bytes still waiting in the gate passed after its latest
+/// closing (a closing discards them), so that closing is their epoch.
+fn send_one(
+    permit: mpsc::Permit<'_, Block>,
+    gate: &mut Gate,
+    serial: Serial,
+    status: &SharedStatus,
+) -> bool {
+    let epoch = gate.times_closed();
+    let Some(mut data) = gate.pop_released() else {
+        return false;
+    };
+    permit.send(Block {
+        serial,
+        data: SecretBlock::take(&mut data),
+        status: status.clone(),
+        epoch,
+    });
+    true
 }

@@ -580,6 +580,11 @@ fn write_pending(
 mod tests {
     use super::*;
 
+    /// A block of `v` bytes from `key`, released at gate epoch `epoch`.
+    fn kb(v: u8, key: ekey_proto::keys::Serial, epoch: u64) -> KeyBlock {
+        (crate::wipe::SecretBlock::take(&mut [v; 32]), key, epoch)
+    }
+
     /// A fake kernel: records writes, initialises after `init_after` bytes.
     #[derive(Default)]
     struct FakeSink {
@@ -781,9 +786,7 @@ mod tests {
             ekey_proto::keys::Serial([2; 12]),
         ];
         for i in 0..10 {
-            tx.send((crate::wipe::SecretBlock::take(&mut [7; 32]), keys[i % 2], 0))
-                .await
-                .unwrap();
+            tx.send(kb(7, keys[i % 2], 0)).await.unwrap();
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -831,12 +834,8 @@ mod tests {
             })
         };
         let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, closes));
-        tx.send((crate::wipe::SecretBlock::take(&mut [1; 32]), a, 0))
-            .await
-            .unwrap();
-        tx.send((crate::wipe::SecretBlock::take(&mut [2; 32]), b, 0))
-            .await
-            .unwrap();
+        tx.send(kb(1, a, 0)).await.unwrap();
+        tx.send(kb(2, b, 0)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let s = stats.lock().unwrap().clone();
         assert_eq!(
@@ -848,18 +847,10 @@ mod tests {
         // withdrawn; its block released after (epoch 1) is taken.
         a_closes.store(1, Ordering::SeqCst);
         crate::keys::driver::GATE_CLOSINGS.fetch_add(1, Ordering::SeqCst);
-        tx.send((crate::wipe::SecretBlock::take(&mut [3; 32]), a, 0))
-            .await
-            .unwrap();
-        tx.send((crate::wipe::SecretBlock::take(&mut [4; 32]), b, 0))
-            .await
-            .unwrap();
-        tx.send((crate::wipe::SecretBlock::take(&mut [5; 32]), a, 1))
-            .await
-            .unwrap();
-        tx.send((crate::wipe::SecretBlock::take(&mut [6; 32]), b, 0))
-            .await
-            .unwrap();
+        tx.send(kb(3, a, 0)).await.unwrap();
+        tx.send(kb(4, b, 0)).await.unwrap();
+        tx.send(kb(5, a, 1)).await.unwrap();
+        tx.send(kb(6, b, 0)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(350)).await;
         let s = stats.lock().unwrap().clone();
         assert_eq!(s.withdrawn_by_key.get(&a), Some(&32), "{s:?}");
