@@ -5,7 +5,11 @@
 //! `cargo bench -p ekey-host --bench daemon_cost`
 //!
 //! Environment: `EKEY_BENCH_SECS` (window length, default 60) and
-//! `EKEY_BENCH_RATE` (the software key's rate in bytes/s, default 4000).
+//! `EKEY_BENCH_RATE` (the software key's rate in bytes/s, default 4000),
+//! `EKEY_BENCH_DAEMON` (the binary run as the daemon; default the one cargo
+//! just built, so the README's static build is measured with
+//! `cargo build-static` and
+//! `EKEY_BENCH_DAEMON=target/x86_64-unknown-linux-gnu/release/ekey-host`).
 //!
 //! The key is `ekey-host emulate --unix`, a separate process, so the
 //! daemon pays for the socket reads, frame decoding, MACs, the FIPS tests
@@ -175,9 +179,11 @@ fn main() {
 
     let (mut emulator, socket, emu_log) = common::start_emulator(dir.path(), rate);
 
+    let daemon_bin =
+        std::env::var_os("EKEY_BENCH_DAEMON").map_or_else(|| PathBuf::from(BIN), PathBuf::from);
     let mut daemon = Guard::spawn(
         "the daemon",
-        Command::new(BIN)
+        Command::new(&daemon_bin)
             .arg("run")
             .arg("--device")
             .arg(&socket)
@@ -227,6 +233,7 @@ fn main() {
 
     let verdict = |ok: bool| if ok { "" } else { "  MISSED" };
     println!("daemon_cost: {wall:.1} s at {rate} B/s (software key on a Unix socket)");
+    println!("  daemon     {}", daemon_bin.display());
     println!(
         "  cpu        {d_cpu:.3} s  = {d_pct:.3} % of one core   \
          (target <= {TARGET_CPU_PERCENT} %; vendor ekeyd {VENDOR_CPU_PERCENT} %){}",
@@ -251,7 +258,7 @@ fn main() {
     );
     println!("  threads    {threads}");
     println!(
-        "  (info) daemon RSS now {:.2} MiB: binary {:.2}, other files (libc, ld.so) {:.2}, \
+        "  (info) daemon RSS now {:.2} MiB: binary {:.2}, shared libraries (libc, ld.so, libgcc_s) {:.2}, \
          heap {:.2}, other anonymous (stacks, arenas) {:.2}",
         mib(d_rss),
         mib(rss_bin),

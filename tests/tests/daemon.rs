@@ -135,6 +135,14 @@ fn two_keys_one_replugged_nothing_lost_or_duplicated() {
     // Stop the keys first (the daemon reads what they sent), then it.
     a.stop();
     b2.stop();
+    // Until the drivers have seen both links close (so have read all the
+    // keys sent), and a moment more for the outputs to write it.
+    assert!(wait_for(10, || {
+        let s = daemon.status();
+        ["QUFBQUFBQUFBQUFB", "RW11bGF0ZWRLZXkx"]
+            .iter()
+            .all(|k| key_status(&s, k)["connected"] == false)
+    }));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let fin = daemon.status();
     assert!(daemon.terminate(), "daemon did not exit cleanly on SIGTERM");

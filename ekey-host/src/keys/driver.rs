@@ -331,47 +331,114 @@ pub async fn drive<K: KeyLookup + ?Sized>(
 ) -> io::Result<Ended> {
     signals.reload.mark_unchanged();
     signals.released.mark_unchanged();
-    let DriveOptions {
-        config,
-        stop_when_unresponsive,
-        coalesce,
-    } = options;
-    let base = tokio::time::Instant::now();
-    let now = || Instant::from_millis(base.elapsed().as_millis() as u64);
-    let mut rng = getrandom::SysRng;
-    let mut session = Session::new(config, now());
-    // The key's gate, looked up once rather than per frame.
-    let gate = status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .gate_handle
-        .clone();
-    let mut buf = vec![0u8; 4096];
-    let (mut reload_alive, mut released_alive) = (true, true);
-    let mut unresponsive = false;
-    let mut fast_until: Option<tokio::time::Instant> = None;
-    // A read this large in one batch means the source is faster than a
-    // real key (FAST_READ per READ_INTERVAL, scaled to the batch length).
-    let fast_read = {
-        use crate::keys::transport::{FAST_READ, READ_INTERVAL};
-        let scaled = FAST_READ as u128 * coalesce.as_millis() / READ_INTERVAL.as_millis().max(1);
-        usize::try_from(scaled).unwrap_or(usize::MAX).max(FAST_READ)
-    };
-    // One wake-up per batch (see the ticker's docs); a plain sleep if the
-    // system has no timer to spare.
-    let mut ticker = (!coalesce.is_zero())
-        .then(|| crate::keys::ticker::Ticker::new(coalesce).ok())
-        .flatten();
+    let mut run = Run::new(options, blocks, status, on_event);
     loop {
         // Released before or while we were opening, or once the serial
         // became known: let go.
         if signals.is_released(&status.lock().unwrap_or_else(|p| p.into_inner())) {
             return Ok(Ended::Released);
         }
-        if stop_when_unresponsive && unresponsive {
+        if run.stop_when_unresponsive && run.unresponsive {
             return Ok(Ended::Unresponsive);
         }
-        while let Some(t) = session.poll_transmit() {
+        run.send_commands(link).await?;
+        let n = match run.wait(link, signals).await? {
+            Woke::Read(0) => return Ok(Ended::Closed),
+            Woke::Read(n) => n,
+            Woke::Again => continue,
+            Woke::End(ended) => return Ok(ended),
+        };
+        if let Some(ended) = run.take_in(link, n, keyring).await? {
+            return Ok(ended);
+        }
+        run.pace().await?;
+    }
+}
+
+/// What woke [`Run::wait`].
+enum Woke {
+    /// This many bytes were read into the buffer (0: the link closed).
+    Read(usize),
+    /// A signal or a session timeout was handled: go round again.
+    Again,
+    /// The drive is over.
+    End(Ended),
+}
+
+/// The state of one [`drive`]: the session, its gate, and the pacing.
+struct Run<'a> {
+    base: tokio::time::Instant,
+    session: Session,
+    rng: getrandom::SysRng,
+    /// The key's gate, looked up once rather than per frame.
+    gate: SharedGate,
+    buf: Vec<u8>,
+    reload_alive: bool,
+    released_alive: bool,
+    unresponsive: bool,
+    stop_when_unresponsive: bool,
+    coalesce: Duration,
+    /// A read this large in one batch means the source is faster than a
+    /// real key (FAST_READ per READ_INTERVAL, scaled to the batch length).
+    fast_read: usize,
+    fast_until: Option<tokio::time::Instant>,
+    /// One wake-up per batch (see the ticker's docs); `None`: a plain
+    /// sleep, if the system has no timer to spare or batches are off.
+    ticker: Option<crate::keys::ticker::Ticker>,
+    blocks: &'a mpsc::Sender<Block>,
+    status: &'a SharedStatus,
+    on_event: &'a mut (dyn FnMut(&KeyStatus, &Event) + Send),
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        options: DriveOptions,
+        blocks: &'a mpsc::Sender<Block>,
+        status: &'a SharedStatus,
+        on_event: &'a mut (dyn FnMut(&KeyStatus, &Event) + Send),
+    ) -> Self {
+        use crate::keys::transport::{FAST_READ, READ_INTERVAL};
+        let DriveOptions {
+            config,
+            stop_when_unresponsive,
+            coalesce,
+        } = options;
+        let scaled = FAST_READ as u128 * coalesce.as_millis() / READ_INTERVAL.as_millis().max(1);
+        let gate = status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .gate_handle
+            .clone();
+        Run {
+            base: tokio::time::Instant::now(),
+            session: Session::new(config, Instant::from_millis(0)),
+            rng: getrandom::SysRng,
+            gate,
+            buf: vec![0u8; 4096],
+            reload_alive: true,
+            released_alive: true,
+            unresponsive: false,
+            stop_when_unresponsive,
+            coalesce,
+            fast_read: usize::try_from(scaled).unwrap_or(usize::MAX).max(FAST_READ),
+            fast_until: None,
+            ticker: (!coalesce.is_zero())
+                .then(|| crate::keys::ticker::Ticker::new(coalesce).ok())
+                .flatten(),
+            blocks,
+            status,
+            on_event,
+        }
+    }
+
+    /// The session's clock: milliseconds since the drive began.
+    fn now(&self) -> Instant {
+        Instant::from_millis(self.base.elapsed().as_millis() as u64)
+    }
+
+    /// Sends what the session has to say.
+    async fn send_commands(&mut self, link: &mut Link) -> io::Result<()> {
+        while let Some(t) = self.session.poll_transmit() {
             // A wedged key must not wedge the driver.
             tokio::time::timeout(WRITE_TIMEOUT, async {
                 link.write_all(&t).await?;
@@ -382,64 +449,98 @@ pub async fn drive<K: KeyLookup + ?Sized>(
                 io::Error::new(io::ErrorKind::TimedOut, "the key does not take commands")
             })??;
         }
-        let deadline = session
+        Ok(())
+    }
+
+    /// Hands the session's events out; `Some` if the drive must end.
+    fn hand_out_events(&mut self) -> Option<Ended> {
+        match deliver(
+            &mut self.session,
+            self.status,
+            &self.gate,
+            self.blocks,
+            &mut *self.on_event,
+        ) {
+            Delivered::OutputClosed => return Some(Ended::OutputClosed),
+            Delivered::Unresponsive => self.unresponsive = true,
+            Delivered::Ok => {}
+        }
+        None
+    }
+
+    /// Waits for input, a signal or the session's next timeout.
+    async fn wait(&mut self, link: &mut Link, signals: &mut Signals) -> io::Result<Woke> {
+        enum Hit {
+            Read(io::Result<usize>),
+            Timeout,
+            Again,
+        }
+        let base = self.base;
+        let deadline = self
+            .session
             .poll_timeout()
             .map(|t| base + Duration::from_millis(t.millis()));
-        let n = tokio::select! {
-            r = link.read(&mut buf) => r?,
-            changed = signals.reload.changed(), if reload_alive => {
-                if changed.is_ok() {
-                    // The keyring changed: start over so it is used.
-                    session.reset(now());
-                } else {
-                    // Nobody will ask for reloads any more.
-                    reload_alive = false;
+        let hit = tokio::select! {
+            r = link.read(&mut self.buf) => Hit::Read(r),
+            changed = signals.reload.changed(), if self.reload_alive => {
+                // The keyring changed: start over so it is used. An error:
+                // nobody will ask for reloads any more.
+                self.reload_alive = changed.is_ok();
+                if self.reload_alive {
+                    self.session.reset(Instant::from_millis(base.elapsed().as_millis() as u64));
                 }
-                continue;
+                Hit::Again
             }
-            changed = signals.released.changed(), if released_alive => {
-                released_alive = changed.is_ok();
-                continue;
+            changed = signals.released.changed(), if self.released_alive => {
+                self.released_alive = changed.is_ok();
+                Hit::Again
             }
-            _ = sleep_until_opt(deadline) => {
-                session.handle_timeout(now());
-                match deliver(&mut session, status, &gate, blocks, on_event) {
-                    Delivered::OutputClosed => return Ok(Ended::OutputClosed),
-                    Delivered::Unresponsive => unresponsive = true,
-                    Delivered::Ok => {}
-                }
-                continue;
-            }
+            _ = sleep_until_opt(deadline) => Hit::Timeout,
         };
-        if n == 0 {
-            return Ok(Ended::Closed);
-        }
-        // Take in this read and whatever else is ready now: a USB link
-        // hands out one transfer (one or a few frames) per read, and what
-        // completed while we slept must all be taken in this wake-up.
-        let mut taken = n;
-        let mut len = n;
+        Ok(match hit {
+            Hit::Read(r) => Woke::Read(r?),
+            Hit::Again => Woke::Again,
+            Hit::Timeout => {
+                let now = self.now();
+                self.session.handle_timeout(now);
+                self.hand_out_events().map_or(Woke::Again, Woke::End)
+            }
+        })
+    }
+
+    /// Takes in the `n` bytes just read and whatever else is ready now: a
+    /// USB link hands out one transfer (one or a few frames) per read, and
+    /// what completed while we slept must all be taken in this wake-up.
+    async fn take_in<K: KeyLookup + ?Sized>(
+        &mut self,
+        link: &mut Link,
+        n: usize,
+        keyring: &K,
+    ) -> io::Result<Option<Ended>> {
+        let (mut taken, mut len) = (n, n);
         for _ in 0..MAX_READS_PER_WAKE {
-            let mut input = &buf[..len];
-            while !input.is_empty() {
+            let mut at = 0;
+            while at < len {
                 // The next frame may complete a tested block with the gate's
                 // output full: give the outputs a moment to take some.
-                if !has_room(&gate, blocks) {
-                    make_room(session.serial().unwrap_or_default(), status, &gate, blocks).await;
+                if !has_room(&self.gate, self.blocks) {
+                    let serial = self.session.serial().unwrap_or_default();
+                    make_room(serial, self.status, &self.gate, self.blocks).await;
                 }
-                let used = session.handle_input(now(), input, keyring, &mut rng);
-                input = &input[used..];
-                match deliver(&mut session, status, &gate, blocks, on_event) {
-                    Delivered::OutputClosed => return Ok(Ended::OutputClosed),
-                    Delivered::Unresponsive => unresponsive = true,
-                    Delivered::Ok => {}
+                let now = self.now();
+                let input = self.buf.get(at..len).unwrap_or_default();
+                at += self
+                    .session
+                    .handle_input(now, input, keyring, &mut self.rng);
+                if let Some(ended) = self.hand_out_events() {
+                    return Ok(Some(ended));
                 }
             }
-            if session.has_transmit() {
+            if self.session.has_transmit() {
                 break;
             }
-            match try_read(link, &mut buf) {
-                Some(Ok(0)) => return Ok(Ended::Closed),
+            match try_read(link, &mut self.buf) {
+                Some(Ok(0)) => return Ok(Some(Ended::Closed)),
                 Some(Ok(m)) => {
                     len = m;
                     taken += m;
@@ -448,19 +549,31 @@ pub async fn drive<K: KeyLookup + ?Sized>(
                 None => break,
             }
         }
-        session.handle_timeout(now());
-        // The line is drained: let frames gather instead of waking for
-        // each one (a key sends ~100 a second). Commands still go out at
-        // once, and no timeout of the session is anywhere near this short.
+        let now = self.now();
+        self.session.handle_timeout(now);
         // A fast source (much taken in one wake-up) is read again at once.
-        if taken >= fast_read {
-            fast_until = Some(tokio::time::Instant::now() + crate::keys::transport::FAST_WINDOW);
+        if taken >= self.fast_read {
+            self.fast_until =
+                Some(tokio::time::Instant::now() + crate::keys::transport::FAST_WINDOW);
         }
-        let fast = fast_until.is_some_and(|t| tokio::time::Instant::now() < t);
-        if !fast && !coalesce.is_zero() && !session.has_transmit() {
-            match ticker.as_mut() {
-                Some(t) => t.tick().await?,
-                None => tokio::time::sleep(coalesce).await,
+        Ok(None)
+    }
+
+    /// The line is drained: let frames gather instead of waking for each
+    /// one (a key sends ~100 a second). Commands still go out at once, and
+    /// no timeout of the session is anywhere near this short.
+    async fn pace(&mut self) -> io::Result<()> {
+        let fast = self
+            .fast_until
+            .is_some_and(|t| tokio::time::Instant::now() < t);
+        if fast || self.coalesce.is_zero() || self.session.has_transmit() {
+            return Ok(());
+        }
+        match self.ticker.as_mut() {
+            Some(t) => t.tick().await,
+            None => {
+                tokio::time::sleep(self.coalesce).await;
+                Ok(())
             }
         }
     }

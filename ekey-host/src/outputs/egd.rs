@@ -1042,7 +1042,8 @@ impl Hub {
         let dt = self
             .rate_at
             .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
-        self.rate = self.rate * (-dt / tau).exp() + bytes as f64 / tau;
+        // Not f64::exp: without its only libm call the daemon maps no libm.so.
+        self.rate = self.rate * libm::exp(-dt / tau) + bytes as f64 / tau;
         self.rate_at = Some(now);
 
         // Only active clients compete; the others' credit goes free.
