@@ -355,6 +355,11 @@ pub async fn drive<K: KeyLookup + ?Sized>(
     }
 }
 
+/// Milliseconds since `base`, as the session counts time.
+fn since(base: tokio::time::Instant) -> Instant {
+    Instant::from_millis(base.elapsed().as_millis() as u64)
+}
+
 /// What woke [`Run::wait`].
 enum Woke {
     /// This many bytes were read into the buffer (0: the link closed).
@@ -433,7 +438,7 @@ impl<'a> Run<'a> {
 
     /// The session's clock: milliseconds since the drive began.
     fn now(&self) -> Instant {
-        Instant::from_millis(self.base.elapsed().as_millis() as u64)
+        since(self.base)
     }
 
     /// Sends what the session has to say.
@@ -487,7 +492,7 @@ impl<'a> Run<'a> {
                 // nobody will ask for reloads any more.
                 self.reload_alive = changed.is_ok();
                 if self.reload_alive {
-                    self.session.reset(Instant::from_millis(base.elapsed().as_millis() as u64));
+                    self.session.reset(since(base));
                 }
                 Hit::Again
             }
