@@ -191,6 +191,28 @@ pub(crate) struct Outputs {
     /// Serve EGD clients on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub(crate) egd_unix: Option<PathBuf>,
+    /// Serve EGD clients over TLS (1.3 or 1.2) on this TCP address; `PORT`
+    /// alone binds 127.0.0.1. Clients must present a certificate from
+    /// --tls-client-ca (QEMU: tls-creds-x509).
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    pub(crate) egd_tls: Option<String>,
+    /// The TLS listener's certificate chain, PEM, leaf first (re-read on
+    /// SIGHUP).
+    #[arg(long, value_name = "FILE", requires = "egd_tls")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The TLS listener's private key, PEM; must not be readable by group
+    /// or others.
+    #[arg(long, value_name = "FILE", requires = "egd_tls")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// The CA certificates, PEM, that TLS clients' certificates must chain
+    /// to.
+    #[arg(long, value_name = "FILE", requires = "egd_tls")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+    /// Serve only TLS clients whose certificate subject is this, as status
+    /// shows it (CN=guest1,O=Example), or whose common name it names
+    /// (CN=guest1); repeatable.
+    #[arg(long, value_name = "SUBJECT", requires = "egd_tls")]
+    pub(crate) egd_allow_subject: Vec<String>,
     /// Mode of the EGD Unix socket, octal.
     #[arg(long, value_name = "OCTAL", default_value = "600")]
     pub(crate) egd_mode: String,
@@ -223,7 +245,8 @@ pub(crate) struct Outputs {
     #[arg(long, value_name = "GID")]
     pub(crate) egd_allow_gid: Vec<u32>,
     /// Share weight of one listener's clients under scarcity
-    /// (`tcp=W` or `unix=W`, W in 1..=1000, default 1 each); repeatable.
+    /// (`tcp=W`, `tls=W` or `unix=W`, W in 1..=1000, default 1 each);
+    /// repeatable.
     #[arg(long, value_name = "KIND=WEIGHT", value_parser = parse_share)]
     pub(crate) egd_share: Vec<(String, u32)>,
     /// Feed the kernel's pool (RNDADDENTROPY on /dev/random, needs
@@ -365,14 +388,16 @@ pub(crate) fn parse_allow_net(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{s:?} is not a network (10.0.0.0/8, fd00::/8) or an address"))
 }
 
-/// `--egd-share`: `tcp=W` or `unix=W`.
+/// `--egd-share`: `tcp=W`, `tls=W` or `unix=W`.
 pub(crate) fn parse_share(s: &str) -> Result<(String, u32), String> {
     let (kind, weight) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected tcp=WEIGHT or unix=WEIGHT"))?;
+        .ok_or_else(|| format!("{s:?}: expected tcp=WEIGHT, tls=WEIGHT or unix=WEIGHT"))?;
     let kind = kind.trim();
-    if kind != "tcp" && kind != "unix" {
-        return Err(format!("{kind:?}: the listener kinds are tcp and unix"));
+    if !["tcp", "tls", "unix"].contains(&kind) {
+        return Err(format!(
+            "{kind:?}: the listener kinds are tcp, tls and unix"
+        ));
     }
     let weight: u32 = weight
         .trim()
@@ -427,11 +452,14 @@ mod tests {
         for (bad, why) in [
             (&["--egd-allow", "10.0.0.0/33"][..], "not a network"),
             (&["--egd-allow", "localhost"], "not a network"),
-            (&["--egd-share", "udp=2"], "tcp and unix"),
+            (&["--egd-share", "udp=2"], "tcp, tls and unix"),
             (&["--egd-share", "tcp=0"], "1 to 1000"),
             (&["--egd-share", "tcp"], "tcp=WEIGHT"),
             (&["--egd-max-per-peer", "0"], "0"),
             (&["--egd-max-clients", "0"], "0"),
+            (&["--egd-tls", "7777", "--tls-cert", "c.pem"], "--tls-key"),
+            (&["--tls-key", "k.pem"], "--egd-tls"),
+            (&["--egd-allow-subject", "CN=a"], "--egd-tls"),
         ] {
             let err = parse(bad).map(|_| ()).unwrap_err();
             assert!(err.contains(why), "{bad:?}: {err}");

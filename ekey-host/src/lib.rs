@@ -19,6 +19,8 @@
 //! - [`rng`]: a key as a `rand_core` RNG in your own program
 //!   (`rng::open(None, keyring)` takes the key on USB); see
 //!   `examples/random_hex.rs` and `examples/chacha_reseed.rs`.
+//! - `tls` (feature `tls`, on by default): rustls settings for the EGD
+//!   server's `--egd-tls` listener and `feed --egd tls://`.
 //! - [`keyring`] (ekeyd's format, atomic 0600 writes), [`status`] (the
 //!   status document), [`metrics`] (Prometheus over HTTP).
 //!
@@ -37,4 +39,6 @@ pub mod metrics;
 pub mod outputs;
 pub mod rng;
 pub mod status;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod wipe;

@@ -390,6 +390,18 @@ fn egd_metrics(m: &mut Metrics<'_>, e: &EgdStats, out_bytes: &Family<Labels, Cou
         "Idle EGD connections closed to make room for another peer",
     );
     add(&reclaimed, &Vec::new(), e.reclaimed_slots);
+    if e.tls {
+        let failed = m.counter(
+            "egd_tls_failed_handshakes",
+            "TLS connections closed before any entropy byte because their handshake failed (error: no or bad certificate, not TLS, ...; timeout)",
+        );
+        for (reason, n) in [
+            ("error", e.tls_handshake_failures),
+            ("timeout", e.tls_handshake_timeouts),
+        ] {
+            add(&failed, &vec![("reason".into(), reason.into())], n);
+        }
+    }
     let pool = m.gauge("egd_pool_bytes", "Bytes in the EGD pool now");
     let reserved = m.gauge(
         "egd_reserved_bytes",
@@ -412,9 +424,12 @@ fn egd_client_metrics(m: &mut Metrics<'_>, e: &EgdStats) {
         "How long each EGD client's requests waited, read to answered (quantile 0.5 or 0.99, within 19 %)",
     );
     for c in &e.clients {
+        // A TLS client's name is its certificate's subject.
+        let name = c.subject.clone().unwrap_or_else(|| c.peer.clone());
         let l: Labels = vec![
             ("client".into(), c.id.to_string()),
             ("peer".into(), c.peer.clone()),
+            ("name".into(), name),
         ];
         add(&served, &l, c.bytes_served);
         set(&pending, &l, c.requests_pending as i64);

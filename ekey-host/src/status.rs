@@ -326,6 +326,17 @@ fn render_egd(out: &mut String, e: &serde_json::Map<String, Value>) {
         e["reclaimed_slots"],
         e["closed_for_protocol_errors"]
     );
+    if e.get("tls").and_then(Value::as_bool) == Some(true) {
+        let _ = writeln!(
+            out,
+            "  TLS: {} failed handshakes, {} timed out{}",
+            e["tls_handshake_failures"],
+            e["tls_handshake_timeouts"],
+            e["tls_last_failure"]
+                .as_str()
+                .map_or_else(String::new, |w| format!("; last: {w}")),
+        );
+    }
     let wait = |v: &Value| {
         v.as_f64()
             .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"))

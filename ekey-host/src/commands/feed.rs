@@ -3,7 +3,7 @@
 //! The guest-side counterpart of the daemon's EGD output, for virtual
 //! machines whose hypervisor offers no virtio-rng (and a replacement for
 //! ekeyd's `ekey-egd-linux`): connect to an EGD server (PROTOCOL.md §9) over
-//! TCP or a Unix socket, fetch bytes with blocking reads (`0x02 n`, n ≤ 255,
+//! TCP, TLS (`tls://HOST:PORT`) or a Unix socket, fetch bytes with blocking reads (`0x02 n`, n ≤ 255,
 //! as QEMU's `rng-egd` does) and mix them into the local kernel's pool with
 //! `RNDADDENTROPY` (needs CAP_SYS_ADMIN).
 //!
@@ -30,7 +30,11 @@
 //! (0: mixed in, never credited):
 //! only point `feed` at an EGD server you trust to serve verified entropy
 //! (`ekey-host run --egd-tcp …` on the host serves only bytes that passed
-//! the key's health checks), over a path you trust.
+//! the key's health checks), over a path you trust. Across a network,
+//! use `--egd tls://HOST:PORT` (the daemon's `--egd-tls`): `feed` checks the
+//! server's certificate against `--tls-ca` for HOST (a name or an address)
+//! and shows its own (`--tls-cert`, `--tls-key`), so nobody on the way can
+//! read, change or impersonate the stream.
 
 use std::fmt;
 use std::io;
@@ -65,10 +69,23 @@ const DISCARD_INIT_AFTER: u64 = 1024;
 /// `ekey-host feed`: the options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FeedArgs {
-    /// The EGD server: HOST:PORT (TCP), or the path of a Unix socket (any
-    /// value containing '/', or an existing socket).
-    #[arg(long, value_name = "HOST:PORT|PATH", value_parser = parse_egd_addr)]
+    /// The EGD server: HOST:PORT (TCP), tls://HOST:PORT (TLS, with
+    /// --tls-ca, --tls-cert and --tls-key), or the path of a Unix socket
+    /// (any other value containing '/', or an existing socket).
+    #[arg(long, value_name = "HOST:PORT|tls://HOST:PORT|PATH", value_parser = parse_egd_addr)]
     pub egd: EgdAddr,
+    /// With tls://: the CA certificates (PEM) the server's certificate must
+    /// chain to; it must name HOST (as a DNS name or an IP address).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// With tls://: this client's certificate chain (PEM), for the server to
+    /// check.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// With tls://: this client's private key (PEM); must not be readable
+    /// by group or others.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Entropy credited per byte received, 0..=8 (0 mixes the bytes in
     /// without credit, as the daemon's `--kernel=0`).
     #[arg(
@@ -125,6 +142,9 @@ pub enum EgdAddr {
     Tcp(String),
     /// A Unix stream socket.
     Unix(PathBuf),
+    /// `tls://HOST:PORT`: TLS over TCP, the server's certificate checked
+    /// for HOST.
+    Tls(String),
 }
 
 impl fmt::Display for EgdAddr {
@@ -132,7 +152,21 @@ impl fmt::Display for EgdAddr {
         match self {
             EgdAddr::Tcp(a) => write!(f, "tcp {a}"),
             EgdAddr::Unix(p) => write!(f, "unix {}", p.display()),
+            EgdAddr::Tls(a) => write!(f, "tls {a}"),
         }
+    }
+}
+
+/// The TLS settings of a `tls://` server (none for the others).
+#[derive(Clone, Default)]
+struct TlsDial {
+    #[cfg(feature = "tls")]
+    connector: Option<crate::tls::TlsConnector>,
+}
+
+impl fmt::Debug for TlsDial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsDial")
     }
 }
 
@@ -142,18 +176,56 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type Conn = Box<dyn Io>;
 
 impl EgdAddr {
-    async fn connect(&self) -> io::Result<Conn> {
+    async fn connect(&self, tls: &TlsDial) -> io::Result<Conn> {
         match self {
-            EgdAddr::Tcp(addr) => {
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            EgdAddr::Tcp(addr) => Ok(Box::new(tcp_connect(addr).await?)),
+            EgdAddr::Unix(path) => Ok(Box::new(UnixStream::connect(path).await?)),
+            #[cfg(feature = "tls")]
+            EgdAddr::Tls(addr) => {
+                let connector = tls.connector.as_ref().ok_or_else(|| {
+                    io::Error::other("tls:// needs --tls-ca, --tls-cert and --tls-key")
+                })?;
+                let host = tls_host(addr)?;
+                let tcp = tcp_connect(addr).await?;
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(host, tcp))
                     .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-                stream.set_nodelay(true)?;
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
                 Ok(Box::new(stream))
             }
-            EgdAddr::Unix(path) => Ok(Box::new(UnixStream::connect(path).await?)),
+            #[cfg(not(feature = "tls"))]
+            EgdAddr::Tls(_) => {
+                let _ = tls;
+                Err(io::Error::other(NO_TLS))
+            }
         }
     }
+}
+
+#[cfg(not(feature = "tls"))]
+const NO_TLS: &str = "this ekey-host was built without TLS (cargo feature `tls`)";
+
+async fn tcp_connect(addr: &str) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The name the server's certificate must have: HOST of HOST:PORT
+/// (an IPv6 address without its brackets).
+#[cfg(feature = "tls")]
+fn tls_host(addr: &str) -> io::Result<rustls_pki_types::ServerName<'static>> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{host:?} is not a host name or address: {e}"),
+        )
+    })
 }
 
 /// Parses `--egd`: a Unix socket if `s` contains '/' or names an existing
@@ -167,26 +239,37 @@ fn is_socket(path: &Path) -> bool {
 }
 
 fn classify_egd_addr(s: &str, is_socket: bool) -> Result<EgdAddr, String> {
+    if let Some(rest) = s.strip_prefix("tls://") {
+        return match host_port(rest) {
+            Ok(()) => Ok(EgdAddr::Tls(rest.to_string())),
+            Err(why) => Err(format!("{s:?}: {why} (expected tls://HOST:PORT)")),
+        };
+    }
     if s.contains('/') || is_socket {
         return Ok(EgdAddr::Unix(PathBuf::from(s)));
     }
-    let bad = |why: &str| {
-        Err(format!(
-            "{s:?}: {why} (expected HOST:PORT, or the path of a Unix socket containing '/')"
-        ))
-    };
+    match host_port(s) {
+        Ok(()) => Ok(EgdAddr::Tcp(s.to_string())),
+        Err(why) => Err(format!(
+            "{s:?}: {why} (expected HOST:PORT, tls://HOST:PORT, or the path of a Unix socket containing '/')"
+        )),
+    }
+}
+
+/// Checks `HOST:PORT` (`[v6]:PORT` for IPv6 literals); says what is wrong.
+fn host_port(s: &str) -> Result<(), &'static str> {
     let Some((host, port)) = s.rsplit_once(':') else {
-        return bad("no port");
+        return Err("no port");
     };
     if host.is_empty() || host == "[]" {
-        return bad("no host");
+        return Err("no host");
     }
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-        return bad("an IPv6 address needs brackets, as in [::1]:PORT");
+        return Err("an IPv6 address needs brackets, as in [::1]:PORT");
     }
     match port.parse::<u16>() {
-        Ok(0) | Err(_) => bad("the port must be a number in 1..=65535"),
-        Ok(_) => Ok(EgdAddr::Tcp(s.to_string())),
+        Ok(0) | Err(_) => Err("the port must be a number in 1..=65535"),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -303,9 +386,45 @@ struct Options {
     retry_max: Duration,
     read_timeout: Option<Duration>,
     max_bytes: Option<u64>,
+    tls: TlsDial,
 }
 
 impl FeedArgs {
+    /// The TLS settings: for `tls://`, all three files, read now (so a bad
+    /// file stops `feed` at once, with its name); for the others, none.
+    fn tls(&self) -> Result<TlsDial, String> {
+        let files = (&self.tls_ca, &self.tls_cert, &self.tls_key);
+        let any = files.0.is_some() || files.1.is_some() || files.2.is_some();
+        if !matches!(self.egd, EgdAddr::Tls(_)) {
+            if any {
+                return Err(
+                    "--tls-ca, --tls-cert and --tls-key are for --egd tls://HOST:PORT".into(),
+                );
+            }
+            return Ok(TlsDial::default());
+        }
+        let (Some(ca), Some(cert), Some(key)) = files else {
+            return Err("--egd tls://… needs --tls-ca, --tls-cert and --tls-key".into());
+        };
+        #[cfg(feature = "tls")]
+        {
+            let files = crate::tls::ClientFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            let connector = crate::tls::connector(&files).map_err(|e| format!("feed: {e}"))?;
+            Ok(TlsDial {
+                connector: Some(connector),
+            })
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = (ca, cert, key);
+            Err(format!("--egd tls://: {NO_TLS}"))
+        }
+    }
+
     fn options(&self) -> Result<Options, String> {
         let config = KernelConfig::new(self.bits_per_byte)
             .map_err(|e| e.to_string().replace("--kernel", "--bits-per-byte"))?
@@ -323,6 +442,7 @@ impl FeedArgs {
             retry_max: self.retry_max,
             read_timeout: (!self.read_timeout.is_zero()).then_some(self.read_timeout),
             max_bytes: self.max_bytes,
+            tls: self.tls()?,
         })
     }
 }
@@ -374,7 +494,13 @@ async fn drive<S: EntropySink>(args: &FeedArgs, opts: &Options, mut sink: S) -> 
     );
     let stats = Mutex::new(FeedStats::default());
     let summary = || lock(&stats).to_string();
-    let work = run(|| args.egd.connect(), &args.egd, opts, &mut sink, &stats);
+    let work = run(
+        || args.egd.connect(&opts.tls),
+        &args.egd,
+        opts,
+        &mut sink,
+        &stats,
+    );
     tokio::pin!(work);
     let result = loop {
         tokio::select! {
@@ -689,6 +815,24 @@ mod tests {
             let err = classify_egd_addr(bad, false).unwrap_err();
             assert!(err.contains("expected HOST:PORT"), "{bad}: {err}");
         }
+        assert_eq!(
+            parse_egd_addr("tls://egd.example:7777"),
+            Ok(EgdAddr::Tls("egd.example:7777".into()))
+        );
+        assert_eq!(
+            parse_egd_addr("tls://[::1]:7777"),
+            Ok(EgdAddr::Tls("[::1]:7777".into()))
+        );
+        for bad in [
+            "tls://",
+            "tls://host",
+            "tls://:1",
+            "tls://h:0",
+            "tls:///run/egd",
+        ] {
+            let err = parse_egd_addr(bad).unwrap_err();
+            assert!(err.contains("expected tls://HOST:PORT"), "{bad}: {err}");
+        }
         assert_eq!(tcp("h:1").to_string(), "tcp h:1");
         assert_eq!(EgdAddr::Unix("/s".into()).to_string(), "unix /s");
     }
@@ -810,6 +954,27 @@ mod tests {
                 &["--egd", "h:1", "--retry-min", "5s", "--retry-max", "1s"][..],
                 "--retry-max",
             ),
+            (
+                &["--egd", "h:1", "--tls-ca", "ca.pem"][..],
+                "are for --egd tls://",
+            ),
+            (
+                &["--egd", "tls://h:1", "--tls-ca", "ca.pem"][..],
+                "needs --tls-ca, --tls-cert and --tls-key",
+            ),
+            (
+                &[
+                    "--egd",
+                    "tls://h:1",
+                    "--tls-ca",
+                    "/nonexistent/ca.pem",
+                    "--tls-cert",
+                    "c",
+                    "--tls-key",
+                    "k",
+                ][..],
+                "--tls-ca /nonexistent/ca.pem",
+            ),
         ] {
             let err = parse(args).unwrap().options().unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");
@@ -901,6 +1066,28 @@ mod tests {
                 for i in 0.. {
                     let (stream, _) = listener.accept().await.unwrap();
                     let plan = plans[i.min(plans.len() - 1)];
+                    l2.lock().unwrap().requests.push(Vec::new());
+                    tokio::spawn(serve(stream, plan, l2.clone(), i));
+                }
+            });
+            FakeServer { addr, log, task }
+        }
+
+        /// A TLS server on loopback (client certificates required, as
+        /// the daemon's), every connection following `plan`.
+        #[cfg(feature = "tls")]
+        async fn tls(plan: Plan, files: &crate::tls::ServerFiles) -> FakeServer {
+            let acceptor = crate::tls::TlsAcceptor::from(crate::tls::server_config(files).unwrap());
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = EgdAddr::Tls(listener.local_addr().unwrap().to_string());
+            let log = Arc::new(Mutex::new(Log::default()));
+            let l2 = log.clone();
+            let task = tokio::spawn(async move {
+                for i in 0.. {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        continue;
+                    };
                     l2.lock().unwrap().requests.push(Vec::new());
                     tokio::spawn(serve(stream, plan, l2.clone(), i));
                 }
@@ -1000,6 +1187,7 @@ mod tests {
             retry_max: Duration::from_millis(80),
             read_timeout: Some(Duration::from_secs(5)),
             max_bytes,
+            tls: TlsDial::default(),
         }
     }
 
@@ -1014,9 +1202,12 @@ mod tests {
         sink: &mut Sink,
         stats: &Mutex<FeedStats>,
     ) -> Option<Result<(), String>> {
-        tokio::time::timeout(limit, run(|| addr.connect(), addr, opts, sink, stats))
-            .await
-            .ok()
+        tokio::time::timeout(
+            limit,
+            run(|| addr.connect(&opts.tls), addr, opts, sink, stats),
+        )
+        .await
+        .ok()
     }
 
     #[tokio::test]
@@ -1141,7 +1332,7 @@ mod tests {
                 if matches!(i, 0..=3 | 5 | 6) {
                     Err(io::Error::from(io::ErrorKind::ConnectionRefused))
                 } else {
-                    addr.connect().await
+                    addr.connect(&TlsDial::default()).await
                 }
             }
         };
@@ -1203,7 +1394,7 @@ mod tests {
                 tokio::spawn(serve(s, Plan::Serve, l2.clone(), i));
             }
         };
-        let feed = run(|| addr.connect(), &addr, &o, &mut sink, &stats);
+        let feed = run(|| addr.connect(&o.tls), &addr, &o, &mut sink, &stats);
         let r = tokio::time::timeout(Duration::from_secs(20), async {
             tokio::select! {
                 r = feed => r,
@@ -1304,6 +1495,82 @@ mod tests {
         assert_eq!(sink.bytes, log.lock().unwrap().sent);
         assert_eq!(sink.bits, 700 * 8);
         server.abort();
+    }
+
+    /// Over TLS, `feed` shows its certificate, gets what the server sent,
+    /// and refuses a server whose certificate does not name the host or
+    /// comes from another CA.
+    #[cfg(feature = "tls")]
+    #[tokio::test]
+    async fn over_tls_only_the_right_server_is_read() {
+        use crate::tls::testing::{ca, issue, leaf, write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let (ca, other) = (ca("Test CA"), ca("Other CA"));
+        write(Path::new(&path("ca.pem")), &ca.pem(), 0o644);
+        let (cert, key) = leaf(&ca, "guest1", false, false);
+        write(Path::new(&path("client.pem")), &cert, 0o644);
+        write(Path::new(&path("client.key")), &key, 0o600);
+        let server = |name: &str, cert: (String, String)| {
+            let files = crate::tls::ServerFiles {
+                cert: dir.path().join(format!("{name}.pem")),
+                key: dir.path().join(format!("{name}.key")),
+                client_ca: dir.path().join("ca.pem"),
+            };
+            write(&files.cert, &cert.0, 0o644);
+            write(&files.key, &cert.1, 0o600);
+            files
+        };
+        let feed = |addr: &EgdAddr| {
+            let EgdAddr::Tls(a) = addr else {
+                unreachable!()
+            };
+            let egd = format!("tls://{a}");
+            let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+            let args = [
+                "--egd",
+                &egd,
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+            ];
+            parse(&args).unwrap().options().unwrap().tls
+        };
+        let good =
+            FakeServer::tls(Plan::Serve, &server("good", leaf(&ca, "egd", true, false))).await;
+        let mut sink = Sink::filling();
+        let stats = Mutex::new(FeedStats::default());
+        let o = Options {
+            tls: feed(&good.addr),
+            ..opts(KernelConfig::new(8).unwrap(), Some(700))
+        };
+        let r = run_for(Duration::from_secs(20), &good.addr, &o, &mut sink, &stats).await;
+        assert_eq!(r, Some(Ok(())));
+        assert_eq!(sink.bytes, good.log().sent);
+        assert_eq!(sink.bytes.len(), 700);
+        let wrong_name = issue(&ca, "egd", &["egd.example", "10.9.9.9"], true, false);
+        let foreign = leaf(&other, "egd", true, false);
+        for (name, cert) in [("wrong-name", wrong_name), ("foreign", foreign)] {
+            let bad = FakeServer::tls(Plan::Serve, &server(name, cert)).await;
+            let mut sink = Sink::filling();
+            let stats = Mutex::new(FeedStats::default());
+            let o = Options {
+                tls: feed(&bad.addr),
+                ..opts(KernelConfig::new(8).unwrap(), Some(700))
+            };
+            run_for(Duration::from_millis(500), &bad.addr, &o, &mut sink, &stats).await;
+            let s = stats.lock().unwrap().clone();
+            assert!(sink.bytes.is_empty(), "{name}");
+            assert_eq!(s.connections, 0, "{name}: {s:?}");
+            assert!(s.failed_attempts >= 1, "{name}: {s:?}");
+            assert!(
+                bad.log().requests.is_empty(),
+                "{name}: the server was asked"
+            );
+        }
     }
 
     #[tokio::test]

@@ -156,6 +156,8 @@ pub(crate) struct Daemon {
     pub(crate) reload_tx: tokio::sync::watch::Sender<u64>,
     pub(crate) released_tx: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
     pub(crate) egd: Option<Arc<Mutex<egd::EgdStats>>>,
+    /// The EGD TLS listener's files.
+    pub(crate) tls: crate::outputs::TlsReload,
     pub(crate) kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
     /// Bits credited per byte by the kernel output.
     pub(crate) kernel_bits: u8,
@@ -184,10 +186,18 @@ impl Daemon {
         let arg = arg.trim();
         match (verb, arg) {
             ("status", "") => self.answer_status(),
-            ("reload", "") => match self.reload() {
-                Ok(n) => format!("ok: keyring reloaded, {n} keys\n"),
-                Err(e) => format!("error: {e}\n"),
-            },
+            ("reload", "") => {
+                let keyring = self.reload();
+                let tls = match self.tls.reload() {
+                    None => String::new(),
+                    Some(Ok(())) => "; TLS files reloaded".to_string(),
+                    Some(Err(e)) => format!("; TLS files not reloaded (the old ones stay): {e}"),
+                };
+                match keyring {
+                    Ok(n) => format!("ok: keyring reloaded, {n} keys{tls}\n"),
+                    Err(e) => format!("error: {e}{tls}\n"),
+                }
+            }
             ("release", target) if !target.is_empty() => self.answer_release(target).await,
             ("resume", target) if !target.is_empty() => self.resume(target),
             _ => format!("error: unknown command {command:?}\n"),

@@ -281,13 +281,16 @@ struct Started {
     sources: usize,
     /// Files to remove at the end: the control socket, the EGD socket.
     sockets: Vec<PathBuf>,
+    /// The EGD TLS listener's files, reloaded with the keyring.
+    tls: crate::outputs::TlsReload,
 }
 
 /// Starts the outputs, the keys, the control socket and the metrics.
 async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<Started, Error> {
     let statuses: SharedStatuses = Arc::new(Mutex::new(Vec::new()));
     let closes = gate_closes(&statuses);
-    let (egd_tx, egd_stats, egd_unix_path) = start_egd(outputs, closes.clone()).await?;
+    let egd = start_egd(outputs, closes.clone()).await?;
+    let (egd_tx, egd_stats) = (egd.tx, egd.stats);
     if outputs.kernel.is_some() && keys.emulate {
         return Err(Error::KernelWithEmulate);
     }
@@ -297,7 +300,7 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
     let (ctx, channels) = make_ctx(gate_for(keys, outputs)?, &ring, is_read);
     let keyed = ctx.keyed.clone();
     let sources = start_keys(keys, ctx, &statuses).await?;
-    let mut sockets: Vec<PathBuf> = egd_unix_path.into_iter().collect();
+    let mut sockets: Vec<PathBuf> = egd.unix_path.into_iter().collect();
     let daemon = Daemon {
         statuses: statuses.clone(),
         started: std::time::Instant::now(),
@@ -307,6 +310,7 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
         reload_tx: channels.reload_tx.clone(),
         released_tx: channels.released_tx,
         egd: egd_stats.clone(),
+        tls: egd.tls.clone(),
         kernel: kernel_stats.clone(),
         kernel_bits: outputs.kernel.unwrap_or(0),
     };
@@ -338,6 +342,7 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
         keyed,
         sources,
         sockets,
+        tls: egd.tls,
     })
 }
 
@@ -508,6 +513,7 @@ async fn main_loop(
                     Ok(n) => info!("keyring {} reloaded: {n} keys", keys.keyring.display()),
                     Err(e) => warn!("keyring not reloaded, keeping the old one: {e}"),
                 }
+                s.tls.reload();
             }
             _ = l.status_tick.tick(), if live => {
                 print_status_line(&s.statuses, s.dispatch.written, l.t0.elapsed());

@@ -128,6 +128,25 @@
 //!    chardev reconnects with `reconnect=SECONDS` (libvirt: `<reconnect
 //!    enabled='yes' timeout='N'/>`), which is why reclaiming is safe for it.
 //!
+//! # TLS
+//!
+//! An [`EgdListener::Tls`] listener (feature `tls`; `--egd-tls`) speaks the
+//! same protocol inside TLS 1.3 or 1.2 (rustls), to the same hub. A client
+//! must present a certificate that chains to the client CA (see
+//! `crate::tls`); its *subject* (RFC 4514, `CN=guest1,O=Example`) is its
+//! name in the statistics and its peer for the per-peer cap (whatever
+//! address it comes from), and [`Admission::allow_subjects`]
+//! (`--egd-allow-subject`) may narrow who is served. The allow-list of
+//! networks is checked on the source address before the handshake, the
+//! rest of admission after it. A handshake that fails (no certificate, one
+//! from another CA, an expired one, plain TCP or garbage) or takes longer
+//! than [`EgdConfig::tls_handshake_timeout`] closes the connection before
+//! any entropy byte is sent ([`EgdStats::tls_handshake_failures`],
+//! [`EgdStats::tls_handshake_timeouts`]); at most
+//! [`Admission::max_clients`] handshakes run at once (more are refused as
+//! [`EgdStats::rejected_clients`]), so half-open TLS peers cannot hold
+//! slots.
+//!
 //! Half-open TCP peers (no FIN ever arrives) keep their slot until the kernel
 //! gives up on the connection or it is reclaimed; they reserve at most 255
 //! bytes and never block anyone else.
@@ -158,6 +177,9 @@ use ekey_proto::keys::Serial;
 
 use crate::keys::driver::{GATE_CLOSINGS, GateCloses, any_gate_closed};
 use crate::wipe::WipeQueue;
+
+#[cfg(feature = "tls")]
+mod tls;
 
 /// Most bytes a waiting client is granted per round-robin turn.
 pub const CHUNK: usize = 32;
@@ -190,6 +212,8 @@ pub struct EgdConfig {
     pub pool_bytes: usize,
     /// Share weights of the clients of each kind of listener.
     pub shares: Shares,
+    /// Longest a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for EgdConfig {
@@ -200,6 +224,7 @@ impl Default for EgdConfig {
             buffer_per_client: 4096,
             pool_bytes: 16 * 1024,
             shares: Shares::default(),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -224,6 +249,9 @@ pub struct Admission {
     pub allow_uids: Vec<u32>,
     /// Unix peers allowed by (primary) gid.
     pub allow_gids: Vec<u32>,
+    /// TLS peers allowed by certificate subject (see
+    /// `crate::tls::subject_matches`); empty: any the client CA vouches for.
+    pub allow_subjects: Vec<String>,
 }
 
 impl Default for Admission {
@@ -234,6 +262,7 @@ impl Default for Admission {
             allow_nets: Vec::new(),
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            allow_subjects: Vec::new(),
         }
     }
 }
@@ -242,8 +271,14 @@ impl Admission {
     /// Whether the allow-lists let `peer` in.
     fn allows(&self, peer: &PeerInfo) -> bool {
         match peer.id {
-            PeerId::Ip(ip) | PeerId::Local(ip, _) => {
-                self.allow_nets.is_empty() || self.allow_nets.iter().any(|n| n.contains(&ip))
+            PeerId::Ip(ip) | PeerId::Local(ip, _) => self.allows_ip(ip),
+            PeerId::Subject(_) => {
+                peer.ip.is_some_and(|ip| self.allows_ip(ip))
+                    && (self.allow_subjects.is_empty()
+                        || peer
+                            .subject
+                            .as_deref()
+                            .is_some_and(|s| self.allows_subject(s)))
             }
             PeerId::Uid(uid) => {
                 (self.allow_uids.is_empty() && self.allow_gids.is_empty())
@@ -252,6 +287,23 @@ impl Admission {
             }
             PeerId::Unknown => self.allow_uids.is_empty() && self.allow_gids.is_empty(),
         }
+    }
+
+    /// Whether the networks allow-list lets a TCP or TLS peer in.
+    fn allows_ip(&self, ip: IpAddr) -> bool {
+        self.allow_nets.is_empty() || self.allow_nets.iter().any(|n| n.contains(&ip))
+    }
+
+    #[cfg(feature = "tls")]
+    fn allows_subject(&self, subject: &str) -> bool {
+        self.allow_subjects
+            .iter()
+            .any(|a| crate::tls::subject_matches(subject, a))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn allows_subject(&self, _subject: &str) -> bool {
+        false
     }
 }
 
@@ -263,11 +315,17 @@ pub struct Shares {
     pub tcp: u32,
     /// Clients of the Unix-socket listener.
     pub unix: u32,
+    /// Clients of the TLS listener.
+    pub tls: u32,
 }
 
 impl Default for Shares {
     fn default() -> Self {
-        Self { tcp: 1, unix: 1 }
+        Self {
+            tcp: 1,
+            unix: 1,
+            tls: 1,
+        }
     }
 }
 
@@ -279,6 +337,10 @@ enum PeerId {
     /// A TCP client on this host: its source address and the user owning
     /// its socket.
     Local(IpAddr, u32),
+    /// A TLS client's certificate subject (hashed with the server's own
+    /// random key).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    Subject(u64),
     /// A Unix-socket client's user.
     Uid(u32),
     /// A Unix-socket client whose credentials could not be read.
@@ -289,11 +351,15 @@ enum PeerId {
 #[derive(Clone, Debug)]
 struct PeerInfo {
     id: PeerId,
-    /// `tcp ADDR:PORT` or `unix pid P uid U`.
+    /// `tcp ADDR:PORT`, `tls ADDR:PORT SUBJECT` or `unix pid P uid U`.
     label: String,
-    /// `tcp` or `unix`.
+    /// `tcp`, `tls` or `unix`.
     listener: &'static str,
+    /// A TCP or TLS client's source address.
+    ip: Option<IpAddr>,
     gid: Option<u32>,
+    /// A TLS client's certificate subject.
+    subject: Option<String>,
     share: u32,
 }
 
@@ -371,12 +437,14 @@ impl Waits {
 pub struct ClientStats {
     /// Server-wide connection number.
     pub id: u64,
-    /// `tcp ADDR:PORT` or `unix pid P uid U`.
+    /// `tcp ADDR:PORT`, `tls ADDR:PORT SUBJECT` or `unix pid P uid U`.
     pub peer: String,
-    /// `tcp` or `unix`.
+    /// `tcp`, `tls` or `unix`.
     pub listener: &'static str,
-    /// The TCP client's address.
+    /// The TCP or TLS client's address.
     pub ip: Option<IpAddr>,
+    /// The TLS client's certificate subject: its name.
+    pub subject: Option<String>,
     /// The Unix-socket client's user.
     pub uid: Option<u32>,
     /// Its share weight.
@@ -414,6 +482,15 @@ pub struct EgdStats {
     pub reclaimed_slots: u64,
     /// Clients closed for an unknown command or a truncated request.
     pub closed_for_protocol_errors: u64,
+    /// Whether a TLS listener serves.
+    pub tls: bool,
+    /// TLS connections closed because their handshake failed (no
+    /// certificate, one the client CA does not vouch for, plain TCP, ...).
+    pub tls_handshake_failures: u64,
+    /// TLS connections closed because their handshake took too long.
+    pub tls_handshake_timeouts: u64,
+    /// Why the last TLS handshake failed, and the peer.
+    pub tls_last_failure: Option<String>,
     /// Bytes in the pool now (taken from the keys, not yet granted).
     pub pool_bytes: usize,
     /// Of those, bytes held as the clients' credit.
@@ -527,6 +604,7 @@ impl EgdStats {
                 "peer": c.peer,
                 "listener": c.listener,
                 "ip": c.ip.map(|ip| ip.to_string()),
+                "subject": c.subject,
                 "uid": c.uid,
                 "share": c.share,
                 "bytes_served": c.bytes_served,
@@ -548,6 +626,10 @@ impl EgdStats {
             "refused_peer_cap": self.refused_peer_cap,
             "reclaimed_slots": self.reclaimed_slots,
             "closed_for_protocol_errors": self.closed_for_protocol_errors,
+            "tls": self.tls,
+            "tls_handshake_failures": self.tls_handshake_failures,
+            "tls_handshake_timeouts": self.tls_handshake_timeouts,
+            "tls_last_failure": self.tls_last_failure,
             "pool_bytes": self.pool_bytes,
             "reserved_bytes": self.reserved_bytes,
             "served_by_key": self.served_by_key.iter()
@@ -568,11 +650,17 @@ pub enum EgdListener {
     Tcp(TcpListener),
     /// Unix stream socket.
     Unix(UnixListener),
+    /// TLS over TCP, with its settings.
+    #[cfg(feature = "tls")]
+    Tls(TcpListener, Arc<crate::tls::TlsServer>),
 }
 
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Before its handshake.
+    #[cfg(feature = "tls")]
+    Tls(TcpStream, Arc<crate::tls::TlsServer>),
 }
 
 impl EgdListener {
@@ -593,10 +681,28 @@ impl EgdListener {
                         None => format!("tcp {a}"),
                     },
                     listener: "tcp",
+                    ip: Some(ip),
                     gid: None,
+                    subject: None,
                     share: shares.tcp,
                 };
                 (Stream::Tcp(s), peer)
+            }),
+            #[cfg(feature = "tls")]
+            Self::Tls(l, server) => l.poll_accept(cx).map_ok(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                let ip = a.ip().to_canonical();
+                // Who it is, the handshake tells (tls::handshake).
+                let peer = PeerInfo {
+                    id: PeerId::Ip(ip),
+                    label: format!("tls {a}"),
+                    listener: "tls",
+                    ip: Some(ip),
+                    gid: None,
+                    subject: None,
+                    share: shares.tls,
+                };
+                (Stream::Tls(s, server.clone()), peer)
             }),
             Self::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| {
                 let cred = s.peer_cred().ok();
@@ -611,7 +717,9 @@ impl EgdListener {
                     id: cred.map_or(PeerId::Unknown, |c| PeerId::Uid(c.uid())),
                     label,
                     listener: "unix",
+                    ip: None,
                     gid: cred.map(|c| c.gid()),
+                    subject: None,
                     share: shares.unix,
                 };
                 (Stream::Unix(s), peer)
@@ -737,6 +845,11 @@ pub async fn serve(
     stats: Arc<Mutex<EgdStats>>,
     closes: GateCloses,
 ) -> io::Result<()> {
+    #[cfg(feature = "tls")]
+    {
+        let tls = listeners.iter().any(|l| matches!(l, EgdListener::Tls(..)));
+        stats.lock().unwrap_or_else(|e| e.into_inner()).tls = tls;
+    }
     let ctx = Arc::new(Ctx {
         config,
         hub: Mutex::new(Hub::default()),
@@ -744,6 +857,10 @@ pub async fn serve(
         stats,
         closes,
         last_refusal_warning: Mutex::new(None),
+        #[cfg(feature = "tls")]
+        handshakes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        #[cfg(feature = "tls")]
+        subject_key: std::hash::RandomState::new(),
     });
     tokio::select! {
         () = run_hub(&ctx, &mut source) => Ok(()),
@@ -762,6 +879,12 @@ struct Ctx {
     /// When a refused connection was last logged at `warn` (refusals come
     /// in floods; the rest go to `debug`).
     last_refusal_warning: Mutex<Option<Instant>>,
+    /// TLS handshakes under way.
+    #[cfg(feature = "tls")]
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Hashes TLS subjects into [`PeerId::Subject`].
+    #[cfg(feature = "tls")]
+    subject_key: std::hash::RandomState,
 }
 
 impl Ctx {
@@ -792,6 +915,12 @@ impl Ctx {
             *counter += 1;
             *counter
         };
+        self.log_refusal(&peer.label, why.text(), total);
+    }
+
+    /// Logs a refused connection at `warn` at most every 10 s, and at
+    /// `debug` in between.
+    fn log_refusal(&self, label: &str, why: &str, total: u64) {
         let now = Instant::now();
         let mut last = self
             .last_refusal_warning
@@ -799,13 +928,9 @@ impl Ctx {
             .unwrap_or_else(|e| e.into_inner());
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
             *last = Some(now);
-            tracing::warn!(
-                "EGD: refused {}: {} ({total} so far)",
-                peer.label,
-                why.text()
-            );
+            tracing::warn!("EGD: refused {label}: {why} ({total} so far)");
         } else {
-            tracing::debug!("EGD: refused {}: {}", peer.label, why.text());
+            tracing::debug!("EGD: refused {label}: {why}");
         }
     }
 }
@@ -1350,17 +1475,30 @@ async fn accept_loop(ctx: &Arc<Ctx>, listeners: &[EgdListener]) -> io::Result<()
                 continue;
             }
         };
-        let client = match Client::register(ctx, &peer) {
-            Ok(client) => client,
-            Err(why) => {
-                ctx.refused(&peer, why);
-                continue; // dropping `stream` closes it
-            }
-        };
         match stream {
-            Stream::Tcp(s) => tasks.spawn(client.run(s)),
-            Stream::Unix(s) => tasks.spawn(client.run(s)),
-        };
+            Stream::Tcp(s) => admit_and_spawn(ctx, &peer, &mut tasks, s),
+            Stream::Unix(s) => admit_and_spawn(ctx, &peer, &mut tasks, s),
+            #[cfg(feature = "tls")]
+            Stream::Tls(tcp, server) => {
+                if let Some(task) = tls::start(ctx, tcp, &server, peer) {
+                    tasks.spawn(task);
+                }
+            }
+        }
+    }
+}
+
+/// Admits a client on a plain stream and starts its task, or closes it.
+fn admit_and_spawn<S>(ctx: &Arc<Ctx>, peer: &PeerInfo, tasks: &mut JoinSet<()>, stream: S)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    match Client::register(ctx, peer) {
+        Ok(client) => {
+            tasks.spawn(client.run(stream));
+        }
+        // Dropping `stream` closes it.
+        Err(why) => ctx.refused(peer, why),
     }
 }
 
@@ -1414,10 +1552,8 @@ impl Client {
             id,
             peer: peer.label.clone(),
             listener: peer.listener,
-            ip: match peer.id {
-                PeerId::Ip(ip) | PeerId::Local(ip, _) => Some(ip),
-                _ => None,
-            },
+            ip: peer.ip,
+            subject: peer.subject.clone(),
             uid: match peer.id {
                 PeerId::Uid(uid) | PeerId::Local(_, uid) => Some(uid),
                 _ => None,
@@ -1552,6 +1688,11 @@ impl Client {
                     wr.write_all(&reply).await?;
                 }
             }
+            if rx.is_empty() {
+                // TLS may hold the tail of a reply when the socket was
+                // full; plain sockets hold nothing.
+                wr.flush().await?;
+            }
             let now = Instant::now();
             if let Some(slot) = self.ctx.hub().slots.get_mut(&self.id) {
                 slot.pending = slot.pending.saturating_sub(1);
@@ -1683,16 +1824,16 @@ mod tests {
 
     use super::*;
 
-    const T: Duration = Duration::from_secs(5);
+    pub(super) const T: Duration = Duration::from_secs(5);
 
     /// Block `i` from a key whose serial says whether `i` is odd (so the
     /// test can tell which key each served byte came from).
-    fn src(i: u64) -> SourceBlock {
+    pub(super) fn src(i: u64) -> SourceBlock {
         (crate::wipe::SecretBlock::take(&mut block(i)), key_of(i), 0)
     }
 
     /// Keys whose gate never closed.
-    fn never_closed() -> GateCloses {
+    pub(super) fn never_closed() -> GateCloses {
         Arc::new(|_: &Serial| 0)
     }
 
@@ -1714,7 +1855,7 @@ mod tests {
     }
 
     /// The block numbers of a stream made of whole test blocks.
-    fn block_numbers(bytes: &[u8]) -> Vec<u64> {
+    pub(super) fn block_numbers(bytes: &[u8]) -> Vec<u64> {
         assert_eq!(bytes.len() % 32, 0, "not whole blocks");
         bytes
             .chunks(32)
@@ -2545,7 +2686,12 @@ mod tests {
             id,
             label: format!("{id:?}"),
             listener: "tcp",
+            ip: match id {
+                PeerId::Ip(ip) | PeerId::Local(ip, _) => Some(ip),
+                _ => None,
+            },
             gid: None,
+            subject: None,
             share: 1,
         }
     }

@@ -25,6 +25,17 @@ pub enum Error {
     /// The EGD Unix socket cannot be bound.
     #[error("--egd-unix {}: {source}", path.display())]
     EgdUnix { path: PathBuf, source: io::Error },
+    /// The EGD TLS address cannot be bound.
+    #[error("--egd-tls {addr}: {source}")]
+    EgdTls { addr: String, source: io::Error },
+    /// The TLS files cannot be used.
+    #[cfg(feature = "tls")]
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// `--egd-tls` in a build without the `tls` feature.
+    #[cfg(not(feature = "tls"))]
+    #[error("--egd-tls: this ekey-host was built without TLS (cargo feature `tls`)")]
+    NoTls,
     /// A `--kernel` setting out of range.
     #[error(transparent)]
     Kernel(#[from] kernel::ConfigError),
@@ -39,20 +50,104 @@ pub enum Error {
     File(#[from] file::FileError),
 }
 
-/// Starts the EGD server if asked for: its block queue, its statistics and
-/// the Unix socket to remove at the end.
+/// What [`start_egd`] started.
+#[derive(Default)]
+pub(crate) struct EgdStarted {
+    /// The server's block queue.
+    pub(crate) tx: Option<mpsc::Sender<egd::SourceBlock>>,
+    /// Its statistics.
+    pub(crate) stats: Option<Arc<Mutex<egd::EgdStats>>>,
+    /// The Unix socket to remove at the end.
+    pub(crate) unix_path: Option<PathBuf>,
+    /// The TLS listener's settings, to reload.
+    pub(crate) tls: TlsReload,
+}
+
+/// The TLS listener's settings, if there is one: what SIGHUP and the
+/// control socket's `reload` re-read.
+#[derive(Clone, Default)]
+pub(crate) struct TlsReload {
+    #[cfg(feature = "tls")]
+    server: Option<Arc<crate::tls::TlsServer>>,
+}
+
+impl TlsReload {
+    /// Re-reads the certificate, key and client CA, and logs the outcome;
+    /// `None` without a TLS listener. On an error the files in use are kept.
+    pub(crate) fn reload(&self) -> Option<Result<(), String>> {
+        #[cfg(feature = "tls")]
+        if let Some(server) = &self.server {
+            let files = server.files();
+            let done = server.reload().map_err(|e| e.to_string());
+            match &done {
+                Ok(()) => info!(
+                    "TLS files reloaded: {}, {}, client CA {}",
+                    files.cert.display(),
+                    files.key.display(),
+                    files.client_ca.display()
+                ),
+                Err(e) => warn!("TLS files not reloaded, keeping the old ones: {e}"),
+            }
+            return Some(done);
+        }
+        None
+    }
+}
+
+/// The TLS listener, bound, with its settings read.
+#[cfg(feature = "tls")]
+async fn bind_tls(
+    o: &Outputs,
+    addr: &str,
+) -> Result<(egd::EgdListener, Arc<crate::tls::TlsServer>), Error> {
+    let (Some(cert), Some(key), Some(client_ca)) = (&o.tls_cert, &o.tls_key, &o.tls_client_ca)
+    else {
+        // clap requires all three with --egd-tls.
+        return Err(Error::EgdTls {
+            addr: addr.to_string(),
+            source: io::Error::other("needs --tls-cert, --tls-key and --tls-client-ca"),
+        });
+    };
+    let server = crate::tls::TlsServer::load(crate::tls::ServerFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: client_ca.clone(),
+    })?;
+    let l = egd::bind_tcp(addr).await.map_err(|source| Error::EgdTls {
+        addr: addr.to_string(),
+        source,
+    })?;
+    if let Ok(a) = l.local_addr() {
+        info!(
+            "EGD server on tls {a} (certificate {}, clients of {})",
+            cert.display(),
+            client_ca.display()
+        );
+    }
+    let server = Arc::new(server);
+    Ok((egd::EgdListener::Tls(l, server.clone()), server))
+}
+
+/// Starts the EGD server if asked for.
 pub(crate) async fn start_egd(
     o: &Outputs,
     closes: driver::GateCloses,
-) -> Result<
-    (
-        Option<mpsc::Sender<egd::SourceBlock>>,
-        Option<Arc<Mutex<egd::EgdStats>>>,
-        Option<PathBuf>,
-    ),
-    Error,
-> {
+) -> Result<EgdStarted, Error> {
     let mut listeners = Vec::new();
+    let mut tls = TlsReload::default();
+    if let Some(addr) = &o.egd_tls {
+        #[cfg(feature = "tls")]
+        {
+            let (l, server) = bind_tls(o, addr).await?;
+            tls.server = Some(server);
+            listeners.push(l);
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = (addr, &mut tls);
+            return Err(Error::NoTls);
+        }
+    }
     if let Some(addr) = &o.egd_tcp {
         let l = egd::bind_tcp(addr).await.map_err(|source| Error::EgdTcp {
             addr: addr.clone(),
@@ -76,20 +171,21 @@ pub(crate) async fn start_egd(
         listeners.push(egd::EgdListener::Unix(l));
     }
     if listeners.is_empty() {
-        return Ok((None, None, None));
+        return Ok(EgdStarted::default());
     }
     if o.egd_unix.is_none() && !(o.egd_allow_uid.is_empty() && o.egd_allow_gid.is_empty()) {
         warn!(
             "--egd-allow-uid/--egd-allow-gid apply to --egd-unix clients only, and there is no --egd-unix"
         );
     }
-    if o.egd_tcp.is_none() && !o.egd_allow.is_empty() {
-        warn!("--egd-allow applies to --egd-tcp clients only, and there is no --egd-tcp");
+    if o.egd_tcp.is_none() && o.egd_tls.is_none() && !o.egd_allow.is_empty() {
+        warn!("--egd-allow applies to --egd-tcp and --egd-tls clients only, and there is neither");
     }
     let mut shares = egd::Shares::default();
     for (kind, weight) in &o.egd_share {
         match kind.as_str() {
             "tcp" => shares.tcp = *weight,
+            "tls" => shares.tls = *weight,
             _ => shares.unix = *weight,
         }
     }
@@ -100,6 +196,7 @@ pub(crate) async fn start_egd(
             allow_nets: o.egd_allow.clone(),
             allow_uids: o.egd_allow_uid.clone(),
             allow_gids: o.egd_allow_gid.clone(),
+            allow_subjects: o.egd_allow_subject.clone(),
         },
         shares,
         rate_limit: o.egd_rate,
@@ -113,7 +210,12 @@ pub(crate) async fn start_egd(
             warn!("EGD server stopped: {e}");
         }
     });
-    Ok((Some(tx), Some(stats), o.egd_unix.clone()))
+    Ok(EgdStarted {
+        tx: Some(tx),
+        stats: Some(stats),
+        unix_path: o.egd_unix.clone(),
+        tls,
+    })
 }
 
 /// Starts the kernel output if asked for: its block queue and statistics.

@@ -210,6 +210,11 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then wait; returns whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
         let _ = Command::new("kill")
