@@ -14,7 +14,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
 };
-use support::{Daemon, Scratch, ekey_host, wait_for};
+use support::{Daemon, Scratch, ekey_host, get, samples, wait_for};
 
 type Ca = CertifiedIssuer<'static, KeyPair>;
 
@@ -140,12 +140,15 @@ fn feed_over_tls_is_served_strangers_are_refused_and_sighup_swaps_the_certificat
     let ca2_path = dir.write("ca2.pem", &ca2.pem());
     let (cert, key) = issue(&dir, &ca1, "server", true, 0o600);
     let addr = format!("127.0.0.1:{}", port());
+    let metrics = format!("127.0.0.1:{}", port());
     let daemon = Daemon::start(
         &dir,
         &[
             "--emulate",
             "--rate",
             "64000",
+            "--metrics",
+            &metrics,
             "--egd-tls",
             &addr,
             "--tls-cert",
@@ -202,6 +205,17 @@ fn feed_over_tls_is_served_strangers_are_refused_and_sighup_swaps_the_certificat
     let client = daemon.status()["egd"]["clients"][0].clone();
     assert_eq!(client["subject"], "CN=guest1", "{client}");
     assert_eq!(client["listener"], "tls", "{client}");
+    // Metrics: the client by name, the refusal by reason.
+    let m = samples(&get(&metrics, "/metrics").2);
+    let series = |name: &str, label: &str| {
+        m.iter()
+            .find(|(k, _)| k.split('{').next() == Some(name) && k.contains(label))
+            .map(|(_, v)| *v)
+    };
+    let served = series("ekey_egd_client_served_bytes_total", "name=\"CN=guest1\"");
+    assert!(served > Some(0.0), "{m:?}");
+    let failed = series("ekey_egd_tls_failed_handshakes_total", "reason=\"error\"");
+    assert!(failed >= Some(1.0), "{m:?}");
     let (new_cert, new_key) = issue(&dir, &ca2, "server2", true, 0o600);
     std::fs::rename(&new_cert, &cert).unwrap();
     std::fs::rename(&new_key, &key).unwrap();

@@ -11,7 +11,8 @@ pub fn ekey_host() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ekey-host-e2e"))
 }
 
-use std::io::{BufRead, BufReader};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Stdio};
 
@@ -249,5 +250,40 @@ pub fn blocks(path: &Path) -> Vec<[u8; 32]> {
     let data = std::fs::read(path).unwrap_or_default();
     data.chunks_exact(32)
         .map(|c| c.try_into().unwrap())
+        .collect()
+}
+
+/// `GET path` over HTTP/1.1; returns (status line, content type, body).
+pub fn get(addr: &str, path: &str) -> (String, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let status = head.lines().next().unwrap().to_owned();
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, ctype, body.to_owned())
+}
+
+/// Samples by full series name (`name{labels}`), parsed from the text
+/// format without our code.
+pub fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse::<f64>().unwrap())
+        })
         .collect()
 }
