@@ -167,51 +167,68 @@ fn read_roots(flag: &'static str, path: &Path) -> Result<Arc<RootCertStore>, Tls
     Ok(Arc::new(roots))
 }
 
+/// TLS 1.3, and 1.2 for older peers.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// What one side of a connection reads: the CA it checks its peer
+/// against, and its own certificate chain and key.
+struct Own {
+    roots: Arc<RootCertStore>,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Own {
+    fn read(ca: (&'static str, &Path), cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            roots: read_roots(ca.0, ca.1)?,
+            certs: read_certs("--tls-cert", cert)?,
+            key: read_key("--tls-key", key)?,
+        })
+    }
+}
+
+/// A certificate and key rustls refuses together (not a pair, say).
+fn pair_error(cert: &Path, key: &Path, e: rustls::Error) -> TlsError {
+    TlsError::Settings(format!(
+        "--tls-cert {} with --tls-key {}: {e}",
+        cert.display(),
+        key.display()
+    ))
+}
+
 /// Builds the listener's settings from its files: TLS 1.3 and 1.2, client
 /// certificates required and checked against the client CA.
 pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let roots = read_roots("--tls-client-ca", &files.client_ca)?;
-    let certs = read_certs("--tls-cert", &files.cert)?;
-    let key = read_key("--tls-key", &files.key)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+    let ca = ("--tls-client-ca", files.client_ca.as_path());
+    let own = Own::read(ca, &files.cert, &files.key)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(own.roots, provider())
         .build()
-        .map_err(|e| file_error("--tls-client-ca", &files.client_ca, e))?;
+        .map_err(|e| file_error(ca.0, ca.1, e))?;
     let config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            TlsError::Settings(format!(
-                "--tls-cert {} with --tls-key {}: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .with_single_cert(own.certs, own.key)
+        .map_err(|e| pair_error(&files.cert, &files.key, e))?;
     Ok(Arc::new(config))
 }
 
 /// Builds a client's settings from its files: the server's certificate is
 /// checked against `ca`, and the client presents its own.
 pub fn client_config(files: &ClientFiles) -> Result<Arc<ClientConfig>, TlsError> {
-    let roots = read_roots("--tls-ca", &files.ca)?;
-    let certs = read_certs("--tls-cert", &files.cert)?;
-    let key = read_key("--tls-key", &files.key)?;
-    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+    let ca = ("--tls-ca", files.ca.as_path());
+    let own = Own::read(ca, &files.cert, &files.key)?;
+    let verifier = WebPkiServerVerifier::builder_with_provider(own.roots, provider())
         .build()
-        .map_err(|e| file_error("--tls-ca", &files.ca, e))?;
+        .map_err(|e| file_error(ca.0, ca.1, e))?;
     let config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_webpki_verifier(verifier)
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| {
-            TlsError::Settings(format!(
-                "--tls-cert {} with --tls-key {}: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .with_client_auth_cert(own.certs, own.key)
+        .map_err(|e| pair_error(&files.cert, &files.key, e))?;
     Ok(Arc::new(config))
 }
 
