@@ -259,6 +259,12 @@ pub(crate) struct Outputs {
     /// key's full rate goes to the kernel.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::commands::feed::parse_duration)]
     pub(crate) kernel_interval: Duration,
+    /// Once the kernel's generator is ready: after a mixing write, have it
+    /// reseed from its input pool at once (RNDRESEEDCRNG) instead of at its
+    /// next scheduled reseed (up to 60 s later), at most this often; 0 for
+    /// never.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::commands::feed::parse_duration)]
+    pub(crate) kernel_reseed_interval: Duration,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics; `PORT` alone
     /// binds 127.0.0.1.
     #[arg(long, value_name = "ADDR:PORT")]

@@ -346,6 +346,10 @@ fn kernel_metrics(
         "Bytes mixed into the kernel's pool without credit",
     );
     let failures = m.counter("kernel_ioctl_failures", "RNDADDENTROPY calls that failed");
+    let reseeds = m.counter(
+        "kernel_reseeds",
+        "CRNG reseeds asked for after mixing writes (RNDRESEEDCRNG), by outcome",
+    );
     add(
         out_bytes,
         &vec![("output".into(), "kernel".into())],
@@ -359,6 +363,9 @@ fn kernel_metrics(
     };
     add(&uncredited, &Vec::new(), none);
     add(&failures, &Vec::new(), k.ioctl_failures);
+    for (outcome, n) in [("done", k.reseeds), ("failed", k.reseed_failures)] {
+        add(&reseeds, &vec![("outcome".into(), outcome.into())], n);
+    }
 }
 
 /// The EGD server's counters and pool, and its share of `out_bytes`.

@@ -183,11 +183,13 @@ pub fn render(doc: &Value) -> String {
     if let Some(k) = doc["kernel"].as_object() {
         let _ = writeln!(
             out,
-            "\nkernel: {}; {} written, {} bits credited, {} ioctl failures",
+            "\nkernel: {}; {} written, {} bits credited, {} ioctl failures; {} reseeds ({} failed)",
             k["mode"].as_str().unwrap_or("?"),
             human_bytes(k["bytes_written"].as_u64().unwrap_or(0)),
             k["bits_credited"],
-            k["ioctl_failures"]
+            k["ioctl_failures"],
+            k["reseeds"],
+            k["reseed_failures"],
         );
     }
     if let Some(e) = doc["egd"].as_object() {

@@ -107,11 +107,18 @@ fn kernel_output_credits_the_configured_bits() {
         "--rate",
         "40000",
     ]);
+    let t0 = std::time::Instant::now();
     let daemon = Daemon::for_key(
         &dir,
         &emu.path,
         &ring,
-        &["--kernel=6", "--kernel-interval", "1"],
+        &[
+            "--kernel=6",
+            "--kernel-interval",
+            "1",
+            "--kernel-reseed-interval",
+            "2",
+        ],
     );
     let ok = wait_for(15, || {
         let k = &daemon.status()["kernel"];
@@ -140,6 +147,20 @@ fn kernel_output_credits_the_configured_bits() {
     assert_eq!(a["kernel_accepted"], k["bytes_written"]);
     assert_eq!(a["kernel_bits_credited"], k["bits_credited"]);
     assert!(a["kernel_accepted"].as_u64().unwrap() <= a["to_kernel"].as_u64().unwrap());
+    // This machine's CRNG is ready: mixes every second are followed by
+    // reseeds (RNDRESEEDCRNG), at most one every 2 s.
+    assert!(
+        wait_for(15, || daemon.status()["kernel"]["reseeds"].as_u64()
+            >= Some(2)),
+        "{}",
+        daemon.status()
+    );
+    let k = daemon.status()["kernel"].clone();
+    let secs = t0.elapsed().as_secs();
+    assert_eq!(k["reseed_failures"], 0, "{k}");
+    let reseeds = k["reseeds"].as_u64().unwrap();
+    assert!(reseeds <= 1 + secs / 2, "{reseeds} reseeds in {secs} s");
+    assert!(k["bytes_written"].as_u64().unwrap() >= 64 * reseeds, "{k}");
 }
 
 fn nix_is_root() -> bool {

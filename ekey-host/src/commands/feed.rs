@@ -100,6 +100,10 @@ pub struct FeedArgs {
     /// server delivers.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub interval: Duration,
+    /// Once the CRNG is initialised: after a mixing write, have the kernel
+    /// reseed it at once (RNDRESEEDCRNG), at most this often; 0 for never.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub reseed_interval: Duration,
     /// Bytes mixed in every --interval once the CRNG is initialised.
     #[arg(
         long,
@@ -330,11 +334,13 @@ impl fmt::Display for FeedStats {
         let k = &self.kernel;
         write!(
             f,
-            "{} bytes written, {} bits credited, {} ioctl failures; \
+            "{} bytes written, {} bits credited, {} ioctl failures, {} reseeds ({} failed); \
              {} bytes received, {} connections, {} lost, {} failed attempts; {}; {}",
             k.bytes_written,
             k.bits_credited,
             k.ioctl_failures,
+            k.reseeds,
+            k.reseed_failures,
             self.bytes_received,
             self.connections,
             self.lost,
@@ -429,7 +435,8 @@ impl FeedArgs {
         let config = KernelConfig::new(self.bits_per_byte)
             .map_err(|e| e.to_string().replace("--kernel", "--bits-per-byte"))?
             .with_pace(usize::from(self.bytes_per_interval), self.interval)
-            .map_err(|_| "--interval and --bytes-per-interval must be non-zero".to_string())?;
+            .map_err(|_| "--interval and --bytes-per-interval must be non-zero".to_string())?
+            .with_reseed(self.reseed_interval);
         if self.retry_min.is_zero() {
             return Err("--retry-min must be non-zero".into());
         }
@@ -461,6 +468,10 @@ impl EntropySink for Discard {
 
     fn initialised(&mut self) -> bool {
         self.total >= DISCARD_INIT_AFTER
+    }
+
+    fn reseed(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -1009,7 +1020,8 @@ mod tests {
         };
         assert_eq!(
             s.to_string(),
-            "100 bytes written, 700 bits credited, 2 ioctl failures; 110 bytes received, \
+            "100 bytes written, 700 bits credited, 2 ioctl failures, 0 reseeds (0 failed); \
+             110 bytes received, \
              3 connections, 2 lost, 5 failed attempts; connected; \
              filling the kernel pool (CRNG not ready)"
         );
@@ -1177,6 +1189,9 @@ mod tests {
         }
         fn initialised(&mut self) -> bool {
             self.bytes.len() >= self.init_after
+        }
+        fn reseed(&mut self) -> io::Result<()> {
+            Ok(())
         }
     }
 

@@ -242,6 +242,8 @@ impl Daemon {
                 "bytes_written": k.bytes_written,
                 "bits_credited": k.bits_credited,
                 "ioctl_failures": k.ioctl_failures,
+                "reseeds": k.reseeds,
+                "reseed_failures": k.reseed_failures,
             });
         }
         format!("{doc}\n")

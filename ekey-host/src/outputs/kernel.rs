@@ -19,6 +19,17 @@
 //!   fresh bytes every [`KernelConfig::interval`] (default 64 bytes every
 //!   10 s). In between no bytes are taken from the source (backpressure).
 //!
+//! **Reseeds.** Once the CRNG is initialised, bytes added with
+//! RNDADDENTROPY wait in the input pool until the kernel's next scheduled
+//! reseed of the CRNG, up to 60 s later. So after a mixing write in
+//! [`Mode::Topping`] the feeder asks for a reseed at once
+//! (`ioctl(RNDRESEEDCRNG)`, Linux 4.17+), at most once per
+//! [`KernelConfig::reseed_interval`] (default 10 s; zero: never). While
+//! filling it does not: the kernel reseeds by itself when the CRNG
+//! initialises. A failed reseed (an older kernel, no CAP_SYS_ADMIN) is
+//! counted ([`KernelStats::reseed_failures`]) and logged once; it never
+//! stops the output.
+//!
 //! The feeder is sans-IO: time is passed in and the device is an
 //! [`EntropySink`], so the policy is tested without root. [`run`] drives it
 //! with a real [`RandomDevice`] inside the daemon.
@@ -51,6 +62,10 @@ const RNDADDENTROPY: nix::sys::ioctl::ioctl_num_type =
     nix::request_code_write!(b'R', 0x03, size_of::<[libc::c_int; 2]>())
         as nix::sys::ioctl::ioctl_num_type;
 
+/// `RNDRESEEDCRNG = _IO('R', 0x07)` (0x5207 on Linux).
+const RNDRESEEDCRNG: nix::sys::ioctl::ioctl_num_type =
+    nix::request_code_none!(b'R', 0x07) as nix::sys::ioctl::ioctl_num_type;
+
 const NEEDS_ROOT: &str = "feeding the kernel needs root (CAP_SYS_ADMIN)";
 
 /// How the kernel is fed.
@@ -66,6 +81,9 @@ pub struct KernelConfig {
     /// Bytes per ioctl while the CRNG is not initialised (default 256, at
     /// most [`MAX_CHUNK`]).
     pub chunk: usize,
+    /// Once initialised: the shortest time between two reseeds of the CRNG
+    /// after mixing writes (default 10 s; zero: no reseeds).
+    pub reseed_interval: Duration,
 }
 
 impl Default for KernelConfig {
@@ -75,6 +93,7 @@ impl Default for KernelConfig {
             interval: Duration::from_secs(10),
             bytes_per_interval: 64,
             chunk: 256,
+            reseed_interval: Duration::from_secs(10),
         }
     }
 }
@@ -115,6 +134,12 @@ impl KernelConfig {
         self.bytes_per_interval = bytes_per_interval;
         self.interval = interval;
         Ok(self)
+    }
+
+    /// Sets the shortest time between reseeds; zero turns them off.
+    pub fn with_reseed(mut self, interval: Duration) -> Self {
+        self.reseed_interval = interval;
+        self
     }
 
     fn chunk(&self) -> usize {
@@ -167,6 +192,10 @@ pub struct KernelStats {
     pub bits_credited: u64,
     /// RNDADDENTROPY calls that failed.
     pub ioctl_failures: u64,
+    /// Reseeds of the CRNG asked for after mixing writes (RNDRESEEDCRNG).
+    pub reseeds: u64,
+    /// RNDRESEEDCRNG calls that failed.
+    pub reseed_failures: u64,
     /// Current mode.
     pub mode: Mode,
     /// Bytes the kernel accepted, by the key they came from (each credited
@@ -184,6 +213,8 @@ pub trait EntropySink {
     fn add_entropy(&mut self, bytes: &[u8], bits: u32) -> io::Result<()>;
     /// Whether the kernel's CRNG is initialised.
     fn initialised(&mut self) -> bool;
+    /// Reseeds the CRNG from the input pool now.
+    fn reseed(&mut self) -> io::Result<()>;
 }
 
 /// `/dev/random`, fed through RNDADDENTROPY.
@@ -255,6 +286,14 @@ impl EntropySink for RandomDevice {
         Ok(())
     }
 
+    fn reseed(&mut self) -> io::Result<()> {
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), RNDRESEEDCRNG) };
+        Errno::result(rc)
+            .map(drop)
+            .map_err(|e| permission_error(io::Error::from(e)))
+    }
+
     fn initialised(&mut self) -> bool {
         let mut byte = 0u8;
         loop {
@@ -280,6 +319,8 @@ pub struct KernelFeeder {
     config: KernelConfig,
     due: Instant,
     stats: KernelStats,
+    /// When a reseed was last asked for.
+    reseeded_at: Option<Instant>,
 }
 
 impl KernelFeeder {
@@ -290,6 +331,7 @@ impl KernelFeeder {
             config,
             due: now,
             stats: KernelStats::default(),
+            reseeded_at: None,
         };
         if initialised {
             feeder.stats.mode = feeder.topping();
@@ -340,6 +382,10 @@ impl KernelFeeder {
     /// are counted and the last error returned; their bytes are dropped, not
     /// retried.
     ///
+    /// Once the CRNG was initialised before the write, a write that
+    /// mixed anything in is followed by a reseed, unless one was asked for
+    /// less than [`KernelConfig::reseed_interval`] ago (see the module docs).
+    ///
     /// `bytes` must have passed the health checks.
     pub fn feed(
         &mut self,
@@ -347,6 +393,8 @@ impl KernelFeeder {
         sink: &mut impl EntropySink,
         bytes: &[u8],
     ) -> io::Result<()> {
+        let ready = matches!(self.stats.mode, Mode::Topping { .. });
+        let mut mixed = false;
         let mut result = Ok(());
         for piece in bytes.chunks(self.config.chunk()) {
             let bits = self.config.credit(piece.len());
@@ -354,6 +402,7 @@ impl KernelFeeder {
                 Ok(()) => {
                     self.stats.bytes_written += piece.len() as u64;
                     self.stats.bits_credited += u64::from(bits);
+                    mixed |= !piece.is_empty();
                 }
                 Err(e) => {
                     self.stats.ioctl_failures += 1;
@@ -367,7 +416,36 @@ impl KernelFeeder {
         if matches!(self.stats.mode, Mode::Topping { .. }) {
             self.due = now + self.config.interval;
         }
+        if ready && mixed {
+            self.reseed(now, sink);
+        }
         result
+    }
+
+    /// Asks for a reseed unless one was asked for too recently; counts the
+    /// outcome, and logs the first failure.
+    fn reseed(&mut self, now: Instant, sink: &mut impl EntropySink) {
+        let every = self.config.reseed_interval;
+        let recent = self
+            .reseeded_at
+            .is_some_and(|t| now.saturating_duration_since(t) < every);
+        if every.is_zero() || recent {
+            return;
+        }
+        self.reseeded_at = Some(now);
+        match sink.reseed() {
+            Ok(()) => self.stats.reseeds += 1,
+            Err(e) => {
+                self.stats.reseed_failures += 1;
+                if self.stats.reseed_failures == 1 {
+                    tracing::warn!(
+                        "kernel: RNDRESEEDCRNG failed ({e}): bytes mixed in wait for the kernel's \
+                         own reseed (within 60 s); feeding goes on, and further failures are \
+                         only counted"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -592,6 +670,9 @@ mod tests {
         total: usize,
         init_after: usize,
         fail: bool,
+        /// How many writes there had been at each reseed.
+        reseeds: Vec<usize>,
+        reseed_fails: bool,
     }
 
     impl EntropySink for FakeSink {
@@ -605,6 +686,13 @@ mod tests {
         }
         fn initialised(&mut self) -> bool {
             self.total >= self.init_after
+        }
+        fn reseed(&mut self) -> io::Result<()> {
+            if self.reseed_fails {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            self.reseeds.push(self.written.len());
+            Ok(())
         }
     }
 
@@ -718,6 +806,74 @@ mod tests {
         assert_eq!(sink.written, vec![(64, 64 * 7); 10]);
         assert_eq!(feeder.stats().bytes_written, 640);
         assert_eq!(feeder.stats().bits_credited, 640 * 7);
+    }
+
+    #[test]
+    fn reseeds_follow_mixing_writes_once_ready_and_never_too_often() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Mixes every second, reseeds at most every 2.5 s.
+        let config = KernelConfig::default()
+            .with_pace(64, ms(1000))
+            .unwrap()
+            .with_reseed(ms(2500));
+        // The CRNG initialises after 512 bytes.
+        let mut sink = FakeSink {
+            init_after: 512,
+            ..FakeSink::default()
+        };
+        let mut feeder = KernelFeeder::new(config, t0, false);
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(10) {
+            let want = feeder.wants(now);
+            if want > 0 {
+                feeder.feed(now, &mut sink, &vec![0x55; want]).unwrap();
+            }
+            now += ms(100);
+        }
+        // Filling: 256 bytes at 0 s and 256 at 0.1 s, no reseed (the kernel
+        // reseeds by itself as it initialises); then mixes at 1.1, 2.1, ...,
+        // 9.1 s (writes 3..=11), reseeds after those at 1.1, 4.1 and 7.1 s
+        // (at least 2.5 s apart): after writes 3, 6 and 9.
+        assert_eq!(sink.written.len(), 11);
+        assert_eq!(sink.reseeds, [3, 6, 9]);
+        assert_eq!(feeder.stats().reseeds, 3);
+        assert_eq!(feeder.stats().reseed_failures, 0);
+
+        // Zero: never.
+        let mut sink = FakeSink::default();
+        let mut feeder = KernelFeeder::new(KernelConfig::default().with_reseed(ms(0)), t0, true);
+        feeder.feed(t0, &mut sink, &[1; 64]).unwrap();
+        assert!(sink.reseeds.is_empty());
+
+        // An empty write mixes nothing: no reseed.
+        let mut feeder = KernelFeeder::new(KernelConfig::default(), t0, true);
+        feeder.feed(t0, &mut sink, &[]).unwrap();
+        assert_eq!(feeder.stats().reseeds, 0);
+    }
+
+    #[test]
+    fn failed_reseeds_are_counted_paced_and_never_stop_the_output() {
+        let t0 = Instant::now();
+        let config = KernelConfig::default()
+            .with_pace(64, Duration::from_secs(1))
+            .unwrap();
+        let mut sink = FakeSink {
+            reseed_fails: true,
+            ..FakeSink::default()
+        };
+        let mut feeder = KernelFeeder::new(config, t0, true);
+        for s in 0..30 {
+            let now = t0 + Duration::from_secs(s);
+            assert_eq!(feeder.wants(now), 64);
+            feeder.feed(now, &mut sink, &[7; 64]).unwrap();
+        }
+        // 30 mixes, a reseed tried every 10 s (0, 10, 20 s), each failing.
+        let st = feeder.stats();
+        assert_eq!(
+            (st.bytes_written, st.reseeds, st.reseed_failures),
+            (30 * 64, 0, 3)
+        );
     }
 
     #[test]
@@ -901,6 +1057,55 @@ mod tests {
         dev.add_entropy(&bytes, 32 * 7)
             .expect("RNDADDENTROPY as root");
         println!("fed 2 x 32 bytes at 7 bits/byte; mode: {}", feeder.mode());
+    }
+
+    /// As root, on a machine whose CRNG is ready: mixing writes are
+    /// followed by real RNDRESEEDCRNG calls, no more often than the
+    /// interval (the counters are the ioctls' own results).
+    #[test]
+    fn root_reseeds_the_crng_after_mixing_writes() {
+        if !nix::unistd::geteuid().is_root() || !has_cap_sys_admin() {
+            println!("skipped: RNDRESEEDCRNG needs root with CAP_SYS_ADMIN");
+            return;
+        }
+        let mut dev = RandomDevice::open().expect("open /dev/random as root");
+        if !dev.initialised() {
+            println!("skipped: this machine's CRNG is not ready yet");
+            return;
+        }
+        let ms = Duration::from_millis;
+        let config = KernelConfig::new(7)
+            .unwrap()
+            .with_pace(32, ms(20))
+            .unwrap()
+            .with_reseed(ms(300));
+        let t0 = Instant::now();
+        let mut feeder = KernelFeeder::new(config, t0, true);
+        let mut bytes = [0u8; 32];
+        let mut writes = 0;
+        while t0.elapsed() < ms(1000) {
+            let now = Instant::now();
+            if feeder.wants(now) > 0 {
+                getrandom::fill(&mut bytes).unwrap();
+                feeder.feed(now, &mut dev, &bytes).expect("RNDADDENTROPY");
+                writes += 1;
+            }
+            std::thread::sleep(ms(5));
+        }
+        let st = feeder.stats();
+        assert_eq!(st.reseed_failures, 0, "RNDRESEEDCRNG refused");
+        // About 1000 / 300 + 1: at 0, 300, 600, 900 ms (a little later each,
+        // as mixes come every 20 ms or so).
+        assert!(
+            (3..=4).contains(&st.reseeds),
+            "{} reseeds in {writes} writes",
+            st.reseeds
+        );
+        assert!(
+            writes > 3 * st.reseeds,
+            "{writes} writes, {} reseeds",
+            st.reseeds
+        );
     }
 
     /// Whether CAP_SYS_ADMIN (bit 21) is in this process's effective set.

@@ -235,7 +235,8 @@ pub(crate) fn start_kernel(
     };
     let config = kernel::KernelConfig::new(bits)?
         .with_pace(64, o.kernel_interval)
-        .map_err(|_| Error::KernelInterval)?;
+        .map_err(|_| Error::KernelInterval)?
+        .with_reseed(o.kernel_reseed_interval);
     // Fail now, with a clear message, rather than later in a task.
     let sink = kernel::RandomDevice::open().map_err(Error::KernelOpen)?;
     let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));
