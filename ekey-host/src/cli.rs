@@ -159,6 +159,20 @@ pub(crate) enum Command {
     /// Set a key's long-term key with the master key printed on its card,
     /// and store it in the keyring.
     Rekey(RekeyArgs),
+    /// Print a shell completion script: `ekey-host completions bash >
+    /// /etc/bash_completion.d/ekey-host` (zsh: into a directory of
+    /// `$fpath` as `_ekey-host`; fish: `~/.config/fish/completions/`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages, `ekey-host.1` and one per subcommand
+    /// (`ekey-host-run.1`, ...), into DIR (made if missing).
+    Man {
+        /// Where to write them, e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
     /// Look after the keyring: `list`, `check`, `remove SERIAL`.
     Keyring {
         #[command(subcommand)]

@@ -1,5 +1,6 @@
 //! The subcommands: `main` parses the command line and runs one of them.
 
+pub mod docs;
 pub mod emulate;
 pub mod feed;
 pub mod keyring;
@@ -36,6 +37,23 @@ pub(crate) fn log_level() -> tracing::Level {
 /// Runs the command line in `std::env::args()`; the binary's `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Documentation commands: no logging, no runtime.
+    let docs = match &cli.command {
+        Command::Completions { shell } => Some(docs::completions(*shell, &mut io::stdout())),
+        Command::Man { dir } => Some(docs::man_pages(dir).map(|pages| {
+            println!("wrote {} manual pages to {}", pages.len(), dir.display());
+        })),
+        _ => None,
+    };
+    if let Some(done) = docs {
+        return match done {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ekey-host: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
@@ -93,6 +111,7 @@ pub fn main() -> ExitCode {
             Command::Feed(args) => crate::commands::feed::main(args).await,
             Command::Rekey(args) => rekey_command(args).await,
             Command::Keyring { action, keyring } => keyring_command(action, &keyring).await,
+            Command::Completions { .. } | Command::Man { .. } => Ok(()),
         }
     });
     match result {
