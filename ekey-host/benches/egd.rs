@@ -1,7 +1,8 @@
 //! The EGD server under load (issue 4): throughput and per-request latency
 //! with many clients and a fast key, then fairness between clients when
-//! entropy is scarce (the key at its real rate, about 4 kB/s); and shares
-//! over time under scarcity (issue 13).
+//! entropy is scarce (the key at its real rate, about 4 kB/s); shares
+//! over time under scarcity (issue 13); and EGD over TLS beside plain TCP
+//! (issue 15).
 //!
 //! `cargo bench -p ekey-host --bench egd`
 //!
@@ -24,27 +25,44 @@
 //!   `egd.pool_bytes`: the guests' credit sits in the pool) against what
 //!   the keys' gates handed to the EGD server (`keys[].accounting.to_egd`),
 //!   both from `ekey-host status --json` (target >= 98 %: nothing lost).
+//! * `tls`: one daemon with both `--egd-tcp` and `--egd-tls` on a fast key
+//!   (so the pool is full: replies come from the buffer), and the
+//!   `throughput` workload (`EKEY_BENCH_CLIENTS` clients, each doing
+//!   `0x02 64` one at a time, for `EKEY_BENCH_SECS`) over plain TCP, then,
+//!   once the daemon has seen those clients go, over TLS (each window
+//!   starts once the daemon holds all its clients); bytes/s, p50 and p99
+//!   of each, and TLS p99 / TCP p99 (target <= 2). The certificates
+//!   (a CA, the server's for 127.0.0.1, one client certificate that all
+//!   the TLS clients show, so they are one peer as the TCP clients are)
+//!   are made with rcgen for the run; the TLS clients are rustls's
+//!   blocking client with ring. Also (info) the TLS handshake time per
+//!   connection, client side, the clients connecting one at a time: p50
+//!   and max. Skipped in a build without the `tls` feature.
 //!
 //! Figures that miss their target are marked `MISSED`; nothing is asserted.
 //!
 //! Environment: `EKEY_BENCH_ONLY` (comma-separated list of the
-//! measurements to run, of `throughput`, `fairness` and `shares`; default
-//! all), `EKEY_BENCH_SECS` (length of the throughput window, default 10),
-//! `EKEY_BENCH_FAST_RATE` (the software key's rate in the throughput test,
-//! bytes/s, default 8000000: faster than the daemon can serve, so the
-//! buffer holds entropy), `EKEY_BENCH_CLIENTS` (clients in the throughput
-//! test, default 64, at most the daemon's `--egd-max-clients` default of
-//! 64; the daemon runs with `--egd-max-per-peer 64`, as all the clients are
-//! one peer) and `EKEY_BENCH_SHARE_SECS` (length of each shares window after the
-//! warm-up, default 12).
+//! measurements to run, of `throughput`, `fairness`, `shares` and `tls`;
+//! default all), `EKEY_BENCH_SECS` (length of the throughput window, and
+//! of each of the two `tls` windows, default 10), `EKEY_BENCH_FAST_RATE`
+//! (the software key's rate in the throughput and tls tests, bytes/s,
+//! default 8000000: faster than the daemon can serve, so the buffer holds
+//! entropy), `EKEY_BENCH_CLIENTS` (clients in the throughput test and on
+//! each transport in the tls test, default 64, at most the daemon's
+//! `--egd-max-clients` default of 64; the daemon runs with
+//! `--egd-max-per-peer 64`, as all the clients are one peer) and
+//! `EKEY_BENCH_SHARE_SECS` (length of each shares window after the warm-up,
+//! default 12).
 //!
 //! Each measurement gets a fresh `ekey-host emulate --unix` (the key, a
 //! separate process; its `--rate` is in entropy bytes/s) and a fresh
-//! `ekey-host run --egd-tcp 127.0.0.1:PORT`; the clients are std threads
-//! with blocking TCP sockets. Linux/Unix only.
+//! `ekey-host run --egd-tcp 127.0.0.1:PORT` (for `tls`, also `--egd-tls`);
+//! the clients are std threads with blocking TCP sockets (with rustls's
+//! blocking client over them for TLS). Linux/Unix only.
 
 mod common;
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -105,6 +123,12 @@ impl Rig {
     /// Starts the emulator at `rate` bytes/s and the daemon, and waits
     /// until the daemon reports the key running.
     fn start(rate: u32) -> Rig {
+        Rig::start_with(rate, &[])
+    }
+
+    /// [`Rig::start`], with `extra` arguments for `ekey-host run` (another
+    /// listener, say).
+    fn start_with(rate: u32, extra: &[OsString]) -> Rig {
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
         let keyring = dir.path().join("keyring");
         fs::write(&keyring, KEYRING).expect("cannot write the keyring");
@@ -129,6 +153,7 @@ impl Rig {
                 .arg("64")
                 .arg("--control")
                 .arg(&control)
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(fs::File::create(&daemon_log).expect("cannot create the daemon log")),
@@ -183,91 +208,444 @@ fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
     sorted[rank - 1] as f64 / 1e6
 }
 
-/// `clients` clients, each doing `0x02 64` one at a time for `secs` seconds.
-fn throughput(secs: f64, rate: u32, clients: usize) {
-    let mut rig = Rig::start(rate);
-    let totals0 = rig.egd_totals();
-    let window = Duration::from_secs_f64(secs);
-    let barrier = Arc::new(Barrier::new(clients + 1));
-    let workers: Vec<_> = (0..clients)
-        .map(|i| {
-            let mut stream = rig.connect();
+/// What a throughput run saw.
+struct Load {
+    /// Every request's latency (request written to reply read), ns, sorted.
+    latencies: Vec<u64>,
+    /// Requests completed by each client.
+    per_client: Vec<usize>,
+    /// From the clients' start to the last one's end, s.
+    wall: f64,
+}
+
+impl Load {
+    fn requests(&self) -> u64 {
+        self.latencies.len() as u64
+    }
+
+    fn bytes(&self) -> u64 {
+        self.requests() * u64::from(TP_REQUEST)
+    }
+
+    fn bytes_per_s(&self) -> u64 {
+        (self.bytes() as f64 / self.wall).round() as u64
+    }
+
+    /// The `q` quantile of the latencies, ms.
+    fn ms(&self, q: f64) -> f64 {
+        quantile_ms(&self.latencies, q)
+    }
+
+    fn max_ms(&self) -> f64 {
+        *self.latencies.last().expect("no latencies") as f64 / 1e6
+    }
+
+    fn mean_ms(&self) -> f64 {
+        self.latencies.iter().sum::<u64>() as f64 / self.latencies.len() as f64 / 1e6
+    }
+}
+
+/// One throughput client (`name`, for messages): `0x02 TP_REQUEST` one at
+/// a time, from the barrier until `window` has passed. Returns each
+/// request's latency (ns).
+fn request_loop<S: Read + Write>(
+    name: &str,
+    stream: &mut S,
+    barrier: &Barrier,
+    window: Duration,
+) -> Vec<u64> {
+    let request = [0x02, TP_REQUEST];
+    let mut reply = [0u8; TP_REQUEST as usize];
+    let mut latencies: Vec<u64> = Vec::with_capacity(1 << 14);
+    barrier.wait();
+    let deadline = Instant::now() + window;
+    while Instant::now() < deadline {
+        let t0 = Instant::now();
+        stream
+            .write_all(&request)
+            .unwrap_or_else(|e| panic!("{name}: write: {e}"));
+        stream
+            .read_exact(&mut reply)
+            .unwrap_or_else(|e| panic!("{name}: read: {e}"));
+        latencies.push(t0.elapsed().as_nanos() as u64);
+    }
+    latencies
+}
+
+/// Runs [`request_loop`] on each of `streams` (a thread each, named
+/// `egd-KIND-I`; all start together) for `window`. Each stream is closed
+/// when its client is done.
+fn run_load<S: Read + Write + Send + 'static>(
+    kind: &str,
+    streams: Vec<S>,
+    window: Duration,
+) -> Load {
+    let barrier = Arc::new(Barrier::new(streams.len() + 1));
+    let workers: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
             let barrier = Arc::clone(&barrier);
+            let name = format!("{kind} {i}");
             thread::Builder::new()
-                .name(format!("egd-client-{i}"))
-                .spawn(move || {
-                    let request = [0x02, TP_REQUEST];
-                    let mut reply = [0u8; TP_REQUEST as usize];
-                    let mut latencies: Vec<u64> = Vec::with_capacity(1 << 14);
-                    barrier.wait();
-                    let deadline = Instant::now() + window;
-                    while Instant::now() < deadline {
-                        let t0 = Instant::now();
-                        stream
-                            .write_all(&request)
-                            .unwrap_or_else(|e| panic!("client {i}: write: {e}"));
-                        stream
-                            .read_exact(&mut reply)
-                            .unwrap_or_else(|e| panic!("client {i}: read: {e}"));
-                        latencies.push(t0.elapsed().as_nanos() as u64);
-                    }
-                    latencies
-                })
+                .name(format!("egd-{kind}-{i}"))
+                .spawn(move || request_loop(&name, &mut stream, &barrier, window))
                 .expect("cannot spawn a client thread")
         })
         .collect();
     barrier.wait();
     let start = Instant::now();
-    let mut all: Vec<u64> = Vec::new();
+    let mut latencies: Vec<u64> = Vec::new();
     let mut per_client: Vec<usize> = Vec::new();
     for worker in workers {
         match worker.join() {
             Ok(lat) => {
                 per_client.push(lat.len());
-                all.extend(lat);
+                latencies.extend(lat);
             }
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
     let wall = start.elapsed().as_secs_f64();
+    assert!(!latencies.is_empty(), "{kind}: no request completed");
+    latencies.sort_unstable();
+    Load {
+        latencies,
+        per_client,
+        wall,
+    }
+}
+
+/// `clients` clients, each doing `0x02 64` one at a time for `secs` seconds.
+fn throughput(secs: f64, rate: u32, clients: usize) {
+    let mut rig = Rig::start(rate);
+    let totals0 = rig.egd_totals();
+    let streams: Vec<TcpStream> = (0..clients).map(|_| rig.connect()).collect();
+    let load = run_load("client", streams, Duration::from_secs_f64(secs));
     rig.assert_alive();
     let totals1 = rig.egd_totals();
     drop(rig);
 
-    assert!(!all.is_empty(), "no request completed");
-    all.sort_unstable();
-    let requests = all.len() as u64;
-    let bytes = requests * u64::from(TP_REQUEST);
-    let p50 = quantile_ms(&all, 0.50);
-    let p99 = quantile_ms(&all, 0.99);
-    let max = *all.last().unwrap() as f64 / 1e6;
-    let mean = all.iter().sum::<u64>() as f64 / all.len() as f64 / 1e6;
+    let p99 = load.ms(0.99);
     let verdict = if p99 < TARGET_P99_MS { "" } else { "  MISSED" };
     println!(
-        "egd throughput: {clients} clients x 0x02 {TP_REQUEST} for {wall:.1} s: {} B/s; \
-         latency p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms \
+        "egd throughput: {clients} clients x 0x02 {TP_REQUEST} for {:.1} s: {} B/s; \
+         latency p50 {:.2} ms, p99 {p99:.2} ms, max {:.2} ms \
          (target p99 < {TARGET_P99_MS} ms){verdict}",
-        thousands((bytes as f64 / wall).round() as u64),
+        load.wall,
+        thousands(load.bytes_per_s()),
+        load.ms(0.50),
+        load.max_ms(),
     );
     println!(
-        "  (info) {} requests ({} B), mean latency {mean:.3} ms, p90 {:.2} ms, p99.9 {:.2} ms; \
+        "  (info) {} requests ({} B), mean latency {:.3} ms, p90 {:.2} ms, p99.9 {:.2} ms; \
          software key paced at {} B/s",
-        thousands(requests),
-        thousands(bytes),
-        quantile_ms(&all, 0.90),
-        quantile_ms(&all, 0.999),
+        thousands(load.requests()),
+        thousands(load.bytes()),
+        load.mean_ms(),
+        load.ms(0.90),
+        load.ms(0.999),
         thousands(u64::from(rate)),
     );
     println!(
         "  (info) requests per client: min {}, max {}",
-        per_client.iter().min().unwrap(),
-        per_client.iter().max().unwrap()
+        load.per_client.iter().min().unwrap(),
+        load.per_client.iter().max().unwrap()
     );
     if let (Some((s0, c0)), Some((s1, c1))) = (totals0, totals1) {
         println!(
             "  (info) daemon's own count: {} B served to {} clients in the window",
             thousands(s1 - s0),
             c1 - c0
+        );
+    }
+}
+
+/// The `tls` measurement: TLS beside plain TCP in one daemon.
+#[cfg(feature = "tls")]
+mod tls {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use rcgen::{
+        BasicConstraints, Certificate, CertificateParams, CertifiedIssuer, DnType,
+        ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+    use rustls_pki_types::{PrivateKeyDer, ServerName};
+
+    use super::*;
+
+    /// TLS p99 / plain TCP p99, at most.
+    const TARGET_P99_RATIO: f64 = 2.0;
+    /// The subject of the one client certificate every TLS client shows
+    /// (so they are one peer, as the TCP clients are).
+    const CLIENT_CN: &str = "ekey-bench-client";
+
+    /// A TLS EGD client's stream.
+    type TlsStream = StreamOwned<ClientConnection, TcpStream>;
+
+    /// Certificates made for the run: a CA that is both the server's and
+    /// the clients' (`--tls-client-ca`), the server's certificate for
+    /// 127.0.0.1 and its key (files, for the daemon), and the clients'
+    /// settings with one client certificate (in memory).
+    struct Pki {
+        ca: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+        client: Arc<ClientConfig>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A certificate from `ca` for `names` (addresses or DNS names), for
+    /// `usage`, and its key.
+    fn issue(
+        ca: &CertifiedIssuer<'static, KeyPair>,
+        cn: &str,
+        names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (Certificate, KeyPair) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("certificate parameters");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("cannot make a key pair");
+        let cert = params
+            .signed_by(&key, ca)
+            .expect("cannot sign a certificate");
+        (cert, key)
+    }
+
+    /// Writes `text` to `path` and gives it `mode`.
+    fn write_file(path: &Path, text: &str, mode: u32) {
+        fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", path.display()));
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let dir = tempfile::tempdir().expect("cannot create a temp dir");
+            let mut params =
+                CertificateParams::new(Vec::<String>::new()).expect("CA certificate parameters");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "ekey-bench CA");
+            let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
+                .expect("cannot make the CA certificate");
+            let (server_cert, server_key) = issue(
+                &ca,
+                "ekey-bench-server",
+                &["127.0.0.1"],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            );
+            let (client_cert, client_key) =
+                issue(&ca, CLIENT_CN, &[], ExtendedKeyUsagePurpose::ClientAuth);
+
+            let pki_path = |name: &str| dir.path().join(name);
+            let (ca_path, cert, key) = (
+                pki_path("ca.pem"),
+                pki_path("server.pem"),
+                pki_path("server.key"),
+            );
+            write_file(&ca_path, &ca.pem(), 0o644);
+            write_file(&cert, &server_cert.pem(), 0o644);
+            // The daemon refuses a key file that group or others may read.
+            write_file(&key, &server_key.serialize_pem(), 0o600);
+
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(ca.der().clone())
+                .expect("the CA certificate is not usable as a root");
+            // ring, as the daemon uses (src/tls.rs); rustls marks it
+            // deprecated for its lack of post-quantum key exchange.
+            #[allow(deprecated)]
+            let provider = rustls::crypto::ring::default_provider();
+            let client = ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_safe_default_protocol_versions()
+                .expect("TLS protocol versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    vec![client_cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(client_key.serialize_der().into()),
+                )
+                .expect("the client certificate and key are not usable");
+            Pki {
+                ca: ca_path,
+                cert,
+                key,
+                client: Arc::new(client),
+                _dir: dir,
+            }
+        }
+
+        /// `ekey-host run` arguments for a TLS listener on `addr`.
+        fn daemon_args(&self, addr: SocketAddr) -> Vec<OsString> {
+            vec![
+                "--egd-tls".into(),
+                addr.to_string().into(),
+                "--tls-cert".into(),
+                self.cert.clone().into(),
+                "--tls-key".into(),
+                self.key.clone().into(),
+                "--tls-client-ca".into(),
+                self.ca.clone().into(),
+            ]
+        }
+
+        /// Connects a TLS EGD client to `addr` (Nagle off, bounded reads)
+        /// and completes its handshake. Returns the stream and the
+        /// handshake's time: from making the ClientHello (after the TCP
+        /// connect) to the handshake done on the client's side (its
+        /// Finished sent).
+        fn connect(&self, addr: SocketAddr) -> (TlsStream, Duration) {
+            let mut sock = TcpStream::connect(addr)
+                .unwrap_or_else(|e| panic!("cannot connect to the TLS EGD server at {addr}: {e}"));
+            sock.set_nodelay(true).expect("TCP_NODELAY");
+            sock.set_read_timeout(Some(READ_TIMEOUT))
+                .expect("read timeout");
+            let t0 = Instant::now();
+            let mut conn =
+                ClientConnection::new(Arc::clone(&self.client), ServerName::from(addr.ip()))
+                    .expect("cannot start a TLS client connection");
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock)
+                    .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
+            }
+            (StreamOwned::new(conn, sock), t0.elapsed())
+        }
+    }
+
+    /// Waits until the daemon holds `n` EGD clients (TCP and TLS);
+    /// panics after `timeout`.
+    fn wait_for_clients(rig: &mut Rig, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            rig.assert_alive();
+            let held = status_json(&rig.control)
+                .and_then(|json| json["egd"]["clients"].as_array().map(Vec::len));
+            if held == Some(n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon holds {held:?} EGD clients, not {n}, after {timeout:?}; its log:\n{}",
+                fs::read_to_string(&rig.daemon_log).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One daemon with `--egd-tcp` and `--egd-tls` on a fast key: the
+    /// throughput workload over plain TCP, then over TLS.
+    pub(super) fn tls(secs: f64, rate: u32, clients: usize) {
+        let pki = Pki::new();
+        let tls_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut rig = Rig::start_with(rate, &pki.daemon_args(tls_addr));
+        let log = fs::read_to_string(&rig.daemon_log).unwrap_or_default();
+        assert!(
+            log.contains(&format!("EGD server on tls {tls_addr}")),
+            "the daemon does not say it serves TLS on {tls_addr}; its log:\n{log}"
+        );
+        let window = Duration::from_secs_f64(secs);
+
+        let totals0 = rig.egd_totals();
+        let streams: Vec<TcpStream> = (0..clients).map(|_| rig.connect()).collect();
+        // As for TLS below: start the window with every client admitted.
+        wait_for_clients(&mut rig, clients, Duration::from_secs(10));
+        let tcp = run_load("tcp-client", streams, window);
+        rig.assert_alive();
+        let totals1 = rig.egd_totals();
+        // The TCP and TLS clients share the daemon's slots: let it see the
+        // TCP ones go first.
+        wait_for_clients(&mut rig, 0, Duration::from_secs(10));
+
+        // One at a time, so each handshake is timed alone.
+        let mut handshakes: Vec<u64> = Vec::with_capacity(clients);
+        let streams: Vec<TlsStream> = (0..clients)
+            .map(|_| {
+                let (stream, took) = pki.connect(tls_addr);
+                handshakes.push(took.as_nanos() as u64);
+                stream
+            })
+            .collect();
+        handshakes.sort_unstable();
+        let version = streams[0]
+            .conn
+            .protocol_version()
+            .map_or_else(|| "-".into(), |v| format!("{v:?}"));
+        let suite = streams[0]
+            .conn
+            .negotiated_cipher_suite()
+            .map_or_else(|| "-".into(), |s| format!("{:?}", s.suite()));
+        // The daemon admits a TLS client once its handshake is done on the
+        // server's side too; start the window with all of them admitted.
+        wait_for_clients(&mut rig, clients, Duration::from_secs(10));
+        let tls = run_load("tls-client", streams, window);
+        rig.assert_alive();
+        let totals3 = rig.egd_totals();
+        let failures = status_json(&rig.control).map(|json| {
+            (
+                json["egd"]["tls_handshake_failures"].as_u64(),
+                json["egd"]["tls_handshake_timeouts"].as_u64(),
+            )
+        });
+        drop(rig);
+
+        let head = format!("egd tls: {clients} clients x 0x02 {TP_REQUEST}, buffered");
+        for (name, load) in [("plain TCP", &tcp), ("TLS", &tls)] {
+            println!(
+                "{head}, {name} for {:.1} s: {} B/s; latency p50 {:.2} ms, p99 {:.2} ms, \
+                 max {:.2} ms",
+                load.wall,
+                thousands(load.bytes_per_s()),
+                load.ms(0.50),
+                load.ms(0.99),
+                load.max_ms(),
+            );
+        }
+        let ratio = tls.ms(0.99) / tcp.ms(0.99);
+        println!(
+            "{head}: TLS p99 / TCP p99 = {ratio:.2} (target <= {TARGET_P99_RATIO:.0}){}; \
+             TLS B/s / TCP B/s = {:.2}",
+            missed(ratio <= TARGET_P99_RATIO),
+            tls.bytes_per_s() as f64 / tcp.bytes_per_s() as f64,
+        );
+        println!(
+            "  (info) TLS handshake per connection ({clients}, one at a time, client side): \
+             p50 {:.2} ms, max {:.2} ms; {version}, {suite}",
+            quantile_ms(&handshakes, 0.50),
+            *handshakes.last().unwrap() as f64 / 1e6,
+        );
+        for (name, load) in [("tcp", &tcp), ("tls", &tls)] {
+            println!(
+                "  (info) {name}: {} requests ({} B), per client min {}, max {}; mean latency \
+                 {:.3} ms, p90 {:.2} ms, p99.9 {:.2} ms",
+                thousands(load.requests()),
+                thousands(load.bytes()),
+                load.per_client.iter().min().unwrap(),
+                load.per_client.iter().max().unwrap(),
+                load.mean_ms(),
+                load.ms(0.90),
+                load.ms(0.999),
+            );
+        }
+        let count = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| match (a, b) {
+            (Some((s0, c0)), Some((s1, c1))) => {
+                format!("{} B to {} clients", thousands(s1 - s0), c1 - c0)
+            }
+            _ => "-".into(),
+        };
+        let (fails, timeouts) = failures.unwrap_or((None, None));
+        println!(
+            "  (info) daemon's own count: tcp {}, tls {}; TLS handshake \
+             failures {}, timeouts {}; software key paced at {} B/s",
+            count(totals0, totals1),
+            count(totals1, totals3),
+            fails.map_or_else(|| "-".into(), |n| n.to_string()),
+            timeouts.map_or_else(|| "-".into(), |n| n.to_string()),
+            thousands(u64::from(rate)),
         );
     }
 }
@@ -680,7 +1058,7 @@ fn shares(guests: usize, secs: f64) {
 
 /// The measurements `EKEY_BENCH_ONLY` asks for (all by default).
 fn selected() -> Vec<&'static str> {
-    const ALL: [&str; 3] = ["throughput", "fairness", "shares"];
+    const ALL: [&str; 4] = ["throughput", "fairness", "shares", "tls"];
     let Ok(list) = std::env::var("EKEY_BENCH_ONLY") else {
         return ALL.to_vec();
     };
@@ -719,5 +1097,11 @@ fn main() {
     if only.contains(&"shares") {
         shares(1, share_secs);
         shares(4, share_secs);
+    }
+    if only.contains(&"tls") {
+        #[cfg(feature = "tls")]
+        tls::tls(secs, fast_rate, clients);
+        #[cfg(not(feature = "tls"))]
+        println!("egd tls: skipped (ekey-host built without its `tls` feature)");
     }
 }
