@@ -256,43 +256,149 @@ def tty():
     return c
 
 
-# ---- 5: a guest's /dev/hwrng fed by the daemon here over rng-egd ----
+# ---- 5 and 8: guests' /dev/hwrng fed by the daemon here over rng-egd ----
+def hwrng_pieces(got, rec):
+    """Covers the guest's bytes GOT with the longest pieces of the record
+    REC, searching forward only: QEMU, the daemon and the key keep order;
+    the guest kernel's own reads (and other clients) take pieces in between.
+    Returns [(rec_off, len)] or an error string."""
+    o, r, pieces = 0, 0, []
+    while o < len(got):
+        i = rec.find(got[o:o + MIN_PIECE], r)
+        if i < 0:
+            back = rec.find(got[o:o + MIN_PIECE])
+            return (f"guest bytes at offset {o} ({got[o:o + 16].hex()}) are not in the record "
+                    f"after offset {r}" + (f" (found at {back}: out of order)" if back >= 0 else ""))
+        n = common_prefix(got, o, rec, i)
+        pieces.append((i, n))
+        o, r = o + n, i + n
+    return pieces
+
+
+def hwrng_check(c, name, rec):
+    """NAME.current / NAME.bin of init.sh's hwrng_read: the guest's hwrng is
+    virtio-rng and its 4096 bytes are pieces of the record REC, in order.
+    Returns the pieces ([] if not)."""
+    cur = text(f"{name}.current")
+    c.ok(cur == "virtio_rng.0", f"guest hwrng is {cur}")
+    got = read(f"{name}.bin")
+    c.ok(got is not None and len(got) == 4096,
+         f"guest read {len(got or b'')} bytes from /dev/hwrng in {text(f'{name}.secs')} s")
+    if rec is None:
+        c.ok(False, "egd.rec missing")
+        return []
+    if not got:
+        return []
+    pieces = hwrng_pieces(got, rec)
+    if isinstance(pieces, str):
+        c.ok(False, pieces)
+        return []
+    c.ok(True, f"all {len(got)} bytes are pieces of the record ({len(rec)} bytes), in order: "
+         f"{len(pieces)} pieces, shortest {min(n for _, n in pieces)}, "
+         f"record offsets {pieces[0][0]}..{pieces[-1][0] + pieces[-1][1]}")
+    return pieces
+
+
 def guest_egd():
     c = Check("guest-egd", "guest /dev/hwrng (virtio-rng, rng-egd) gets the bytes of `run --emulate --record --egd-tcp`")
     c.logs += ["egd-daemon.log", "egd-key.log"]
-    cur = text("hwrng.current")
-    c.ok(cur == "virtio_rng.0", f"guest hwrng is {cur}")
-    got, rec = read("hwrng.bin"), read("egd.rec")
-    c.ok(got is not None and len(got) == 4096, f"guest read {len(got or b'')} bytes from /dev/hwrng")
-    if got and rec:
-        # Cover the guest's bytes with the longest pieces of the record,
-        # searching forward only: QEMU, the daemon and the key keep order;
-        # the guest kernel's own reads take pieces in between.
-        o, r, pieces, err = 0, 0, [], None
-        while o < len(got):
-            i = rec.find(got[o:o + MIN_PIECE], r)
-            if i < 0:
-                back = rec.find(got[o:o + MIN_PIECE])
-                err = (f"guest bytes at offset {o} ({got[o:o + 16].hex()}) are not in the record "
-                       f"after offset {r}" + (f" (found at {back}: out of order)" if back >= 0 else ""))
-                break
-            n = common_prefix(got, o, rec, i)
-            pieces.append((i, n))
-            o, r = o + n, i + n
-        if err:
-            c.ok(False, err)
-        else:
-            c.ok(True, f"all 4096 bytes are pieces of the record ({len(rec)} bytes), in order: "
-                 f"{len(pieces)} pieces, shortest {min(n for _, n in pieces)}, "
-                 f"record offsets {pieces[0][0]}..{pieces[-1][0] + pieces[-1][1]}")
-    elif rec is None:
-        c.ok(False, "egd.rec missing")
+    hwrng_check(c, "hwrng", read("egd.rec"))
     st = load_json("egd.status.json")
     egd = (st or {}).get("egd") or {}
     c.ok(egd.get("total_clients", 0) >= 1 and egd.get("total_served", 0) >= 4096,
          f"daemon status: EGD total_clients={egd.get('total_clients')}, "
          f"total_served={egd.get('total_served')}")
     c.logs.append("egd.status.err")
+    return c
+
+
+def egd_tls():
+    """The daemon's TLS listener (see tls_guests in run): a guest whose QEMU
+    has ca's client certificate; QEMUs with certificates of other CAs."""
+    c = Check("egd-tls", "guest /dev/hwrng over `--egd-tls` (QEMU tls-creds-x509): a client "
+              "certificate of --tls-client-ca gets the key's bytes; certificates of other CAs "
+              "get nothing, and the daemon counts the refusals")
+    c.logs += ["egd-tls.infra", "egd-daemon.tls.log", "egd-daemon.log", "egd-tls.certs.txt",
+               "egd.status.err", "egd-tls.qemu-trace.log", "egd-tls-impostor.qemu-trace.log",
+               "egd-tls-other.qemu.log", "egd-tls-other.qemu-trace.log",
+               "../egd-tls.console.log", "../egd-tls-impostor.console.log"]
+    infra = text("egd-tls.infra")
+    if infra:
+        c.ok(False, "infrastructure: " + infra.replace("\n", "; "))
+    log = read("egd-daemon.log", "r") or ""
+    m = re.search(r"EGD server on tls \S+", log)
+    c.ok(m is not None, f"the daemon's log: {m.group(0) if m else 'no EGD server on tls'}")
+
+    def egd(name):
+        return ((load_json(name) or {}).get("egd")) or {}
+
+    def sessions(name):
+        """QEMU's trace: TLS sessions begun; whether it accepted the daemon's certificate."""
+        lines = (read(name, "r") or "").splitlines()
+        return (sum("qcrypto_tls_session_new" in l for l in lines),
+                any("qcrypto_tls_session_check_creds" in l and "status=pass" in l for l in lines))
+
+    def fails(e):
+        return e.get("tls_handshake_failures", 0)
+
+    before, other, after = egd("egd.status.json"), egd("egd-tls.other.json"), egd("egd-tls.status.json")
+    poll_dir = path("egd-tls.polls")
+    polls = [egd(os.path.join("egd-tls.polls", f))
+             for f in (sorted(os.listdir(poll_dir)) if os.path.isdir(poll_dir) else [])]
+    c.ok(before.get("tls") is True and fails(before) == 0 and before.get("tls_handshake_timeouts") == 0,
+         f"status before (after guest-egd): tls={before.get('tls')}, "
+         f"{fails(before)} handshake failures, {before.get('tls_handshake_timeouts')} timeouts")
+
+    # 1. other-ca's certificate, QEMU with -S: QEMU (GnuTLS) finds no
+    # certificate the daemon asks for, so it presents none.
+    n, _ = sessions("egd-tls-other.qemu-trace.log")
+    c.ok(text("egd-tls-other.alive") == "running" and n >= 1,
+         f"other-ca's QEMU (-S) was running and began {n} TLS session(s)")
+    c.ok(fails(other) >= 1 and "certificate" in (other.get("tls_last_failure") or ""),
+         f"the daemon refused it: {fails(other)} handshake failure(s), last: "
+         f"{other.get('tls_last_failure')!r}")
+
+    # 2a. ca's certificate: the guest's bytes are the key's.
+    n, passed = sessions("egd-tls.qemu-trace.log")
+    c.ok(passed, f"the good QEMU began {n} TLS session(s) and accepted the daemon's certificate")
+    rec = read("egd.rec")
+    pieces = hwrng_check(c, "egd-tls/tls", rec)
+    earlier = hwrng_pieces(read("hwrng.bin") or b"", rec or b"")
+    if pieces and isinstance(earlier, list):
+        shared = sum(max(0, min(i + n, j + m) - max(i, j)) for i, n in pieces for j, m in earlier)
+        c.ok(shared == 0, f"{shared} of them were also served to guest-egd's guest (want 0)")
+    clients = [cl for p in polls for cl in p.get("clients") or []]
+    good = [cl for cl in clients if cl.get("listener") == "tls" and cl.get("subject") == "CN=guest1"
+            and re.fullmatch(r"tls 127\.0\.0\.1:\d+ CN=guest1", cl.get("peer") or "")]
+    most = max((cl.get("bytes_served", 0) for cl in good), default=0)
+    c.ok(bool(good) and most >= 4096,
+         f"status while it ran ({len(polls)} polls): client "
+         f"{good[-1].get('peer') if good else None!r}, listener tls, subject CN=guest1, "
+         f"{most} bytes served to it (want >= 4096)")
+    others = sorted({(cl.get("listener"), cl.get("subject")) for cl in clients} - {("tls", "CN=guest1")})
+    c.ok(not others, f"no other client listed while the guests ran: {others}")
+    served = after.get("total_served", 0) - before.get("total_served", 0)
+    joined = after.get("total_clients", 0) - before.get("total_clients", 0)
+    c.ok(served >= 4096 and joined == 1,
+         f"since guest-egd the daemon served {served} bytes (want >= 4096) to {joined} new "
+         f"client(s) (want 1: the refused never became clients)")
+
+    # 2b. impostor-ca's certificate (the same issuer name as ca's): QEMU
+    # presents it, so only the signature tells it from ca's.
+    cur, got = text("egd-tls-impostor/tls-refused.current"), read("egd-tls-impostor/tls-refused.bin")
+    secs, rc = text("egd-tls-impostor/tls-refused.secs"), text("egd-tls-impostor/tls-refused.rc")
+    c.ok(cur == "virtio_rng.0" and got == b"" and rc not in (None, "0") and float(secs or 0) >= 9,
+         f"impostor-ca's guest: hwrng {cur}, {len(got) if got is not None else None} bytes in "
+         f"{secs} s (want 0; read still waiting when stopped: exit {rc})")
+    n, passed = sessions("egd-tls-impostor.qemu-trace.log")
+    refused = fails(after) - fails(other)
+    why = after.get("tls_last_failure") or ""
+    c.ok(passed and n >= 1 and refused >= 1,
+         f"its QEMU began {n} TLS session(s) and accepted the daemon's certificate; the daemon "
+         f"counted {refused} more handshake failure(s)")
+    c.ok(re.search(r"(?i)signature|issuer|certificate", why) is not None,
+         f"last failure: {why!r}")
+    c.note(f"handshake timeouts: {after.get('tls_handshake_timeouts')}")
     return c
 
 
@@ -349,6 +455,7 @@ def main():
                 "from the relay); SIGTERM", 10, "event"),
         tty(),
         guest_egd(),
+        egd_tls(),
         hotplug("nu", "hotplug-no-udev", "the same with no udev events: the daemon's 5 s USB "
                 "rescan finds the key", 15, "rescan"),
         usb_rekey(),

@@ -23,11 +23,13 @@ mkdir -p /tmp /r
 EKEY=/bin/ekey-host
 KEYRING=/etc/keyring      # the demo key's serial and long-term key
 RATE=8000                 # software key rate (bytes/s): twice a real key's (~86 frames/s, <4 kB/s)
-ONLY=""                   # run only these steps (vmonly=hs,tty,hp,nu,rk,fs,egd; debugging)
+ONLY=""                   # run only these steps (vmonly=hs,tty,hp,nu,rk,fs,egd; debugging;
+                          # tls and tls-refused run only when named: the egd-tls guests')
 for a in $(cat /proc/cmdline); do
   case $a in vmrate=*) RATE=${a#vmrate=};; vmonly=*) ONLY=${a#vmonly=};; vmlog=*) export EKEY_LOG=${a#vmlog=};; esac
 done
 step() { [ -z "$ONLY" ] || echo ",$ONLY," | grep -q ",$1,"; }
+named() { echo ",$ONLY," | grep -q ",$1,"; }   # steps only for guests that ask for them
 G=/sys/kernel/config/usb_gadget/ekey
 
 # Debugging knobs, from the kernel command line (EKEY_VM_APPEND=... tests/vm/run):
@@ -256,15 +258,41 @@ read_step fs 131072
 stop_key
 fi
 
+# hwrng_read NAME SECONDS: the guest's /dev/hwrng (virtio-rng, fed over
+# rng-egd by the CI machine's daemon): at most 4096 bytes to /r/NAME.bin,
+# giving up after SECONDS; /r/NAME.current (the hwrng in use), /r/NAME.rc
+# (timeout's exit code: 0 = all read), /r/NAME.secs (how long it took).
+hwrng_read() {
+  insmod $M/virtio-rng.ko || say "insmod virtio-rng FAILED"
+  wait_for 10 test -c /dev/hwrng
+  cat /sys/class/misc/hw_random/rng_current > /r/$1.current 2>&1
+  t0=$(up)
+  timeout $2 head -c 4096 /dev/hwrng > /r/$1.bin
+  echo $? > /r/$1.rc
+  echo "$(up) - $t0" | bc > /r/$1.secs
+  say "$1: $(stat -c %s /r/$1.bin) bytes from $(cat /r/$1.current) in $(cat /r/$1.secs) s (exit $(cat /r/$1.rc))"
+  [ -s /r/$1.bin ] && { say "$1: the first of them:"; hexdump -C /r/$1.bin | head -4; }
+}
+
 # ---- 5. guest-egd: /dev/hwrng is virtio-rng, fed by the CI machine's daemon ----
 if step egd; then
 say "guest-egd"
-insmod $M/virtio-rng.ko || say "insmod virtio-rng FAILED"
-wait_for 10 test -c /dev/hwrng
-cat /sys/class/misc/hw_random/rng_current > /r/hwrng.current 2>&1
-timeout 60 head -c 4096 /dev/hwrng > /r/hwrng.bin
-say "guest-egd: $(stat -c %s /r/hwrng.bin) bytes from $(cat /r/hwrng.current); first of them:"
-hexdump -C /r/hwrng.bin | head -4
+hwrng_read hwrng 60
+fi
+
+# ---- egd-tls: the same over TLS (QEMU's tls-creds-x509 as the client) ----
+# Each in a guest of its own (tests/vm/run boots them with vmonly=tls or
+# vmonly=tls-refused): the one with a certificate of the daemon's client CA
+# reads 4096 bytes; the one whose certificate the daemon must refuse (another
+# CA's) may read for 10 s and must get nothing.
+if named tls; then
+say "egd-tls"
+hwrng_read tls 60
+sleep 1     # connected a little longer: the runner's status polls see what it was served
+fi
+if named tls-refused; then
+say "egd-tls (a certificate of another CA)"
+hwrng_read tls-refused 10
 fi
 
 # ---- hand the results to the runner ----
