@@ -100,6 +100,17 @@ pub(crate) enum Command {
         keys: KeySources,
         #[command(flatten)]
         outputs: Box<Outputs>,
+        /// Also take the settings of the vendor daemon's configuration
+        /// file (/etc/entropykey/ekeyd.conf); options given here win.
+        #[arg(long, value_name = "FILE")]
+        ekeyd_config: Option<PathBuf>,
+    },
+    /// Print the `run` command line (and a systemd drop-in) equivalent to
+    /// the vendor daemon's configuration file.
+    MigrateEkeydConfig {
+        /// The ekeyd.conf to translate.
+        #[arg(default_value = "/etc/entropykey/ekeyd.conf")]
+        file: PathBuf,
     },
     /// List the Entropy Keys on USB, and whether the keyring has their keys.
     List {

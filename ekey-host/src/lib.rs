@@ -33,6 +33,7 @@
 pub mod cli;
 pub mod commands;
 pub mod daemon;
+pub mod ekeyd_conf;
 pub mod keyring;
 pub mod keys;
 pub mod metrics;

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::cli::Cli;
 use crate::cli::Command;
+use crate::cli::KeySources;
 use crate::cli::Outputs;
 use crate::commands::emulate::emulate;
 use crate::commands::keyring::keyring_command;
@@ -23,7 +24,8 @@ use crate::commands::list::list_command;
 use crate::commands::rekey::rekey_command;
 use crate::commands::status::status_command;
 use crate::daemon::run;
-use clap::Parser;
+use crate::ekeyd_conf::{ConfError, Settings, migration};
+use clap::{CommandFactory, FromArgMatches};
 
 /// The log level from `EKEY_LOG` (`error`, `warn`, `info`, `debug`,
 /// `trace`); `info` by default.
@@ -36,13 +38,19 @@ pub(crate) fn log_level() -> tracing::Level {
 
 /// Runs the command line in `std::env::args()`; the binary's `main`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Documentation commands: no logging, no runtime.
     let docs = match &cli.command {
         Command::Completions { shell } => Some(docs::completions(*shell, &mut io::stdout())),
         Command::Man { dir } => Some(docs::man_pages(dir).map(|pages| {
             println!("wrote {} manual pages to {}", pages.len(), dir.display());
         })),
+        Command::MigrateEkeydConfig { file } => Some(
+            Settings::read(file)
+                .map(|s| print!("{}", migration(&s, file, "/usr/local/bin/ekey-host")))
+                .map_err(|e| format!("{}: {e}", file.display())),
+        ),
         _ => None,
     };
     if let Some(done) = docs {
@@ -60,6 +68,21 @@ pub fn main() -> ExitCode {
         .with_target(false)
         .with_max_level(log_level())
         .init();
+    if let Command::Run {
+        keys,
+        outputs,
+        ekeyd_config: Some(file),
+    } = &mut cli.command
+    {
+        let given = matches.subcommand_matches("run");
+        let given = |id: &str| {
+            given.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine)
+        };
+        if let Err(e) = apply_ekeyd_config(file, keys, outputs, given) {
+            eprintln!("ekey-host: --ekeyd-config {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -72,7 +95,7 @@ pub fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run { keys, outputs } => {
+            Command::Run { keys, outputs, .. } => {
                 run(keys, *outputs, None).await.map_err(|e| e.to_string())
             }
             Command::Status { json, control } => status_command(json, &control).await,
@@ -111,7 +134,9 @@ pub fn main() -> ExitCode {
             Command::Feed(args) => crate::commands::feed::main(args).await,
             Command::Rekey(args) => rekey_command(args).await,
             Command::Keyring { action, keyring } => keyring_command(action, &keyring).await,
-            Command::Completions { .. } | Command::Man { .. } => Ok(()),
+            Command::Completions { .. }
+            | Command::Man { .. }
+            | Command::MigrateEkeydConfig { .. } => Ok(()),
         }
     });
     match result {
@@ -121,4 +146,55 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Takes `file`'s settings (the vendor daemon's configuration) into
+/// `keys` and `outputs`, except where the command line `given` an option;
+/// logs what the file says that is not done.
+fn apply_ekeyd_config(
+    file: &std::path::Path,
+    keys: &mut KeySources,
+    outputs: &mut Outputs,
+    given: impl Fn(&str) -> bool,
+) -> Result<(), ConfError> {
+    let s = Settings::read(file)?;
+    for n in &s.notes {
+        if n.warning {
+            tracing::warn!("{}, line {}: {}", file.display(), n.line, n.text);
+        } else {
+            tracing::info!("{}, line {}: {}", file.display(), n.line, n.text);
+        }
+    }
+    fn take<T>(slot: &mut T, value: Option<T>, given: bool) {
+        if let (Some(v), false) = (value, given) {
+            *slot = v;
+        }
+    }
+    take(&mut keys.keyring, s.keyring, given("keyring"));
+    if !s.devices.is_empty() {
+        if given("devices") {
+            tracing::info!(
+                "--device given: the keys of {} are not added",
+                file.display()
+            );
+        } else {
+            keys.devices = s.devices;
+        }
+    }
+    take(&mut outputs.output, s.output.map(Some), given("output"));
+    take(&mut outputs.kernel, s.kernel.map(Some), given("kernel"));
+    take(&mut outputs.egd_tcp, s.egd_tcp.map(Some), given("egd_tcp"));
+    take(
+        &mut outputs.egd_unix,
+        s.egd_unix.map(Some),
+        given("egd_unix"),
+    );
+    take(&mut outputs.egd_mode, s.egd_mode, given("egd_mode"));
+    take(
+        &mut outputs.egd_group,
+        s.egd_group.map(Some),
+        given("egd_group"),
+    );
+    take(&mut outputs.control, s.control.map(Some), given("control"));
+    Ok(())
 }
