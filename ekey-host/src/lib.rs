@@ -42,4 +42,5 @@ pub mod rng;
 pub mod status;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod vmgenid;
 pub mod wipe;

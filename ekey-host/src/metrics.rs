@@ -366,6 +366,11 @@ fn kernel_metrics(
     for (outcome, n) in [("done", k.reseeds), ("failed", k.reseed_failures)] {
         add(&reseeds, &vec![("outcome".into(), outcome.into())], n);
     }
+    let generations = m.counter(
+        "kernel_new_vm_generations",
+        "New VM generation IDs seen (a restored snapshot or a clone), each answered with fresh bytes and a reseed",
+    );
+    add(&generations, &Vec::new(), k.new_generations);
 }
 
 /// The EGD server's counters and pool, and its share of `out_bytes`.

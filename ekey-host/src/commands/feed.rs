@@ -104,6 +104,12 @@ pub struct FeedArgs {
     /// reseed it at once (RNDRESEEDCRNG), at most this often; 0 for never.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub reseed_interval: Duration,
+    /// When this VM turns out to be a restored snapshot or a clone (the
+    /// kernel announces a new VM generation ID: QEMU's `-device vmgenid`),
+    /// fetch this many bytes at once, credit them and reseed; 0 to not
+    /// watch.
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    pub on_vmgenid_bytes: usize,
     /// Bytes mixed in every --interval once the CRNG is initialised.
     #[arg(
         long,
@@ -334,13 +340,15 @@ impl fmt::Display for FeedStats {
         let k = &self.kernel;
         write!(
             f,
-            "{} bytes written, {} bits credited, {} ioctl failures, {} reseeds ({} failed); \
+            "{} bytes written, {} bits credited, {} ioctl failures, {} reseeds ({} failed), \
+             {} new VM generations; \
              {} bytes received, {} connections, {} lost, {} failed attempts; {}; {}",
             k.bytes_written,
             k.bits_credited,
             k.ioctl_failures,
             k.reseeds,
             k.reseed_failures,
+            k.new_generations,
             self.bytes_received,
             self.connections,
             self.lost,
@@ -393,6 +401,10 @@ struct Options {
     read_timeout: Option<Duration>,
     max_bytes: Option<u64>,
     tls: TlsDial,
+    /// Bytes fetched for a new VM generation (0: not watched).
+    on_vmgenid: usize,
+    /// New VM generation IDs seen so far (`crate::vmgenid::watch`).
+    generations: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl FeedArgs {
@@ -450,6 +462,8 @@ impl FeedArgs {
             read_timeout: (!self.read_timeout.is_zero()).then_some(self.read_timeout),
             max_bytes: self.max_bytes,
             tls: self.tls()?,
+            on_vmgenid: self.on_vmgenid_bytes,
+            generations: None,
         })
     }
 }
@@ -490,6 +504,14 @@ pub async fn main(args: FeedArgs) -> Result<(), String> {
 }
 
 async fn drive<S: EntropySink>(args: &FeedArgs, opts: &Options, mut sink: S) -> Result<(), String> {
+    let mut opts = opts.clone();
+    if opts.on_vmgenid > 0 {
+        match crate::vmgenid::watch() {
+            Ok(generations) => opts.generations = Some(generations),
+            Err(e) => warn!("feed: not watching for new VM generation IDs: {e}"),
+        }
+    }
+    let opts = &opts;
     let watch = |kind: SignalKind, name: &str| {
         signal(kind).map_err(|e| format!("cannot watch {name}: {e}"))
     };
@@ -656,7 +678,19 @@ async fn session<S: EntropySink>(
 ) -> End {
     let mut buf = Zeroizing::new(Vec::<u8>::new());
     let mut commands = Vec::new();
+    let mut generations = opts.generations.clone();
     loop {
+        // New VM generations since the last look (by the count, not the
+        // watch's own "seen" mark, which idling moves).
+        let seen = generations.as_ref().map_or(0, |g| *g.borrow());
+        if feeder.note_generations(seen, opts.on_vmgenid) {
+            lock(stats).kernel = feeder.stats().clone();
+            info!(
+                "feed: new VM generation ID (this VM was restored from a snapshot or cloned): \
+                 fetching {} fresh bytes, then reseeding",
+                opts.on_vmgenid
+            );
+        }
         let received = lock(stats).bytes_received;
         let left = match opts.max_bytes {
             Some(max) if received >= max => return End::Done,
@@ -670,7 +704,7 @@ async fn session<S: EntropySink>(
             let Some(wake) = feeder.next_wake() else {
                 continue;
             };
-            match idle_until(conn, wake).await {
+            match idle_until(conn, wake, generations.as_mut()).await {
                 Some(why) => return End::Lost(why),
                 None => continue,
             }
@@ -720,12 +754,18 @@ async fn session<S: EntropySink>(
     }
 }
 
-/// Waits until `wake` without asking for anything; why the connection is
-/// lost if the server hangs up (or sends something) meanwhile.
-async fn idle_until(conn: &mut Conn, wake: std::time::Instant) -> Option<String> {
+/// Waits until `wake` (or a new VM generation) without asking for
+/// anything; why the connection is lost if the server hangs up (or sends
+/// something) meanwhile.
+async fn idle_until(
+    conn: &mut Conn,
+    wake: std::time::Instant,
+    generations: Option<&mut tokio::sync::watch::Receiver<u64>>,
+) -> Option<String> {
     let mut probe = [0u8; 1];
     tokio::select! {
         _ = tokio::time::sleep_until(Instant::from_std(wake)) => None,
+        () = crate::vmgenid::next(generations) => None,
         r = conn.read(&mut probe) => {
             probe.zeroize();
             Some(match r {
@@ -1020,7 +1060,8 @@ mod tests {
         };
         assert_eq!(
             s.to_string(),
-            "100 bytes written, 700 bits credited, 2 ioctl failures, 0 reseeds (0 failed); \
+            "100 bytes written, 700 bits credited, 2 ioctl failures, 0 reseeds (0 failed), \
+             0 new VM generations; \
              110 bytes received, \
              3 connections, 2 lost, 5 failed attempts; connected; \
              filling the kernel pool (CRNG not ready)"
@@ -1166,6 +1207,8 @@ mod tests {
         init_after: usize,
         error: Option<io::ErrorKind>,
         calls: usize,
+        /// Bytes written before each reseed.
+        reseeds: Vec<usize>,
     }
 
     impl Sink {
@@ -1191,6 +1234,7 @@ mod tests {
             self.bytes.len() >= self.init_after
         }
         fn reseed(&mut self) -> io::Result<()> {
+            self.reseeds.push(self.bytes.len());
             Ok(())
         }
     }
@@ -1203,6 +1247,8 @@ mod tests {
             read_timeout: Some(Duration::from_secs(5)),
             max_bytes,
             tls: TlsDial::default(),
+            on_vmgenid: 64,
+            generations: None,
         }
     }
 
@@ -1463,6 +1509,45 @@ mod tests {
         // Reconnected, and still not asking: the next mix is not due.
         assert_eq!(server.log().requests, vec![vec![64], vec![]]);
         assert_eq!(sink.bytes, server.log().sent);
+    }
+
+    /// A new VM generation in the middle of a 10 s pause: fresh bytes at
+    /// once, then a reseed, though a reseed was done a moment before.
+    #[tokio::test]
+    async fn a_new_vm_generation_fetches_at_once_and_reseeds() {
+        let server = FakeServer::tcp(vec![Plan::Serve]).await;
+        let mut sink = Sink::default(); // initialised: topping up
+        let stats = Mutex::new(FeedStats::default());
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let o = Options {
+            on_vmgenid: 100,
+            generations: Some(rx),
+            ..opts(pace(64, Duration::from_secs(10)), None)
+        };
+        let t0 = std::time::Instant::now();
+        let feed = run_for(
+            Duration::from_millis(800),
+            &server.addr,
+            &o,
+            &mut sink,
+            &stats,
+        );
+        let restore = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send_modify(|g| *g += 1);
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = feed => {}
+            () = restore => {}
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        // The first mix, then the 100 fresh bytes; reseeded after each.
+        assert_eq!(sink.bytes.len(), 164);
+        assert_eq!(sink.bytes, server.log().sent);
+        assert_eq!(sink.reseeds, [64, 164]);
+        let k = stats.lock().unwrap().kernel.clone();
+        assert_eq!((k.new_generations, k.reseeds), (1, 2));
     }
 
     #[tokio::test]

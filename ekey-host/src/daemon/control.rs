@@ -244,6 +244,7 @@ impl Daemon {
                 "ioctl_failures": k.ioctl_failures,
                 "reseeds": k.reseeds,
                 "reseed_failures": k.reseed_failures,
+                "new_vm_generations": k.new_generations,
             });
         }
         format!("{doc}\n")

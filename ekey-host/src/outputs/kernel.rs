@@ -30,6 +30,12 @@
 //! counted ([`KernelStats::reseed_failures`]) and logged once; it never
 //! stops the output.
 //!
+//! **New VM generations.** When this machine turns out to be a restored
+//! snapshot or a clone (a new VM generation ID, see `crate::vmgenid`),
+//! [`KernelFeeder::fresh_generation`] makes the feeder want that many
+//! bytes at once, whatever the pace, and reseed right after them, whatever
+//! the reseed interval.
+//!
 //! The feeder is sans-IO: time is passed in and the device is an
 //! [`EntropySink`], so the policy is tested without root. [`run`] drives it
 //! with a real [`RandomDevice`] inside the daemon.
@@ -53,6 +59,18 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::wipe::WipeQueue;
 
 use crate::keys::driver::GateCloses;
+
+/// Bytes the daemon's kernel output mixes in at once when this host turns
+/// out to be a restored snapshot or a clone.
+pub const ON_VMGENID_BYTES: usize = 64;
+
+/// The VM generation watch for the kernel output, or `None` (logged) where
+/// uevents cannot be read.
+pub fn watch_generations() -> Option<tokio::sync::watch::Receiver<u64>> {
+    crate::vmgenid::watch()
+        .map_err(|e| tracing::warn!("kernel: not watching for new VM generation IDs: {e}"))
+        .ok()
+}
 
 /// Largest number of bytes passed to the kernel in one ioctl.
 pub const MAX_CHUNK: usize = 512;
@@ -194,6 +212,9 @@ pub struct KernelStats {
     pub ioctl_failures: u64,
     /// Reseeds of the CRNG asked for after mixing writes (RNDRESEEDCRNG).
     pub reseeds: u64,
+    /// New VM generation IDs seen (each answered with fresh bytes and a
+    /// reseed).
+    pub new_generations: u64,
     /// RNDRESEEDCRNG calls that failed.
     pub reseed_failures: u64,
     /// Current mode.
@@ -321,6 +342,10 @@ pub struct KernelFeeder {
     stats: KernelStats,
     /// When a reseed was last asked for.
     reseeded_at: Option<Instant>,
+    /// Bytes wanted at once for a new VM generation, and whether a reseed
+    /// is owed once they are in.
+    fresh: usize,
+    reseed_owed: bool,
 }
 
 impl KernelFeeder {
@@ -332,6 +357,8 @@ impl KernelFeeder {
             due: now,
             stats: KernelStats::default(),
             reseeded_at: None,
+            fresh: 0,
+            reseed_owed: false,
         };
         if initialised {
             feeder.stats.mode = feeder.topping();
@@ -359,12 +386,37 @@ impl KernelFeeder {
     /// How many bytes the feeder wants at `now`: the configured `chunk`
     /// while filling, the configured `bytes_per_interval` when the next mix
     /// is due while topping, else 0.
+    ///
+    /// After [`KernelFeeder::fresh_generation`], at least the bytes it asked
+    /// for, at once.
     pub fn wants(&self, now: Instant) -> usize {
-        match self.stats.mode {
+        let paced = match self.stats.mode {
             Mode::Filling => self.config.chunk(),
             Mode::Topping { .. } if now >= self.due => self.config.bytes_per_interval(),
             Mode::Topping { .. } => 0,
+        };
+        paced.max(self.fresh)
+    }
+
+    /// This machine is a restored snapshot or a clone: want `bytes` fresh
+    /// bytes now (at least one), and reseed once they are mixed in.
+    pub fn fresh_generation(&mut self, bytes: usize) {
+        self.fresh = bytes.max(1);
+        self.reseed_owed = true;
+        self.stats.new_generations += 1;
+    }
+
+    /// Takes the count of new VM generations seen so far (from
+    /// `crate::vmgenid::watch`): if it moved, one
+    /// [`KernelFeeder::fresh_generation`] of `bytes` (however many came at
+    /// once); returns whether it moved.
+    pub fn note_generations(&mut self, seen: u64, bytes: usize) -> bool {
+        if seen <= self.stats.new_generations {
+            return false;
         }
+        self.fresh_generation(bytes);
+        self.stats.new_generations = seen;
+        true
     }
 
     /// When the feeder next wants bytes; `None` while filling (it always
@@ -402,6 +454,7 @@ impl KernelFeeder {
                 Ok(()) => {
                     self.stats.bytes_written += piece.len() as u64;
                     self.stats.bits_credited += u64::from(bits);
+                    self.fresh = self.fresh.saturating_sub(piece.len());
                     mixed |= !piece.is_empty();
                 }
                 Err(e) => {
@@ -416,20 +469,26 @@ impl KernelFeeder {
         if matches!(self.stats.mode, Mode::Topping { .. }) {
             self.due = now + self.config.interval;
         }
-        if ready && mixed {
-            self.reseed(now, sink);
+        if self.reseed_owed && self.fresh == 0 && mixed {
+            // A new generation: reseed now, whatever the interval (and
+            // whatever the mode: the clone's CRNG is its sibling's).
+            self.reseed_owed = false;
+            self.reseed(now, sink, true);
+        } else if ready && mixed {
+            self.reseed(now, sink, false);
         }
         result
     }
 
-    /// Asks for a reseed unless one was asked for too recently; counts the
-    /// outcome, and logs the first failure.
-    fn reseed(&mut self, now: Instant, sink: &mut impl EntropySink) {
+    /// Asks for a reseed, unless reseeds are off or one was asked for too
+    /// recently (unless `forced`); counts the outcome, and logs the first
+    /// failure.
+    fn reseed(&mut self, now: Instant, sink: &mut impl EntropySink, forced: bool) {
         let every = self.config.reseed_interval;
         let recent = self
             .reseeded_at
             .is_some_and(|t| now.saturating_duration_since(t) < every);
-        if every.is_zero() || recent {
+        if !forced && (every.is_zero() || recent) {
             return;
         }
         self.reseeded_at = Some(now);
@@ -464,7 +523,8 @@ pub async fn run(
     closes: GateCloses,
 ) -> io::Result<()> {
     let sink = RandomDevice::open()?;
-    run_with(config, source, stats, sink, closes).await
+    let generations = watch_generations();
+    run_with(config, source, stats, sink, closes, generations).await
 }
 
 /// The kernel output's side of withdrawing bytes whose key's gate closed
@@ -534,6 +594,7 @@ pub async fn run_with(
     stats: Arc<Mutex<KernelStats>>,
     mut sink: impl EntropySink,
     closes: GateCloses,
+    mut generations: Option<tokio::sync::watch::Receiver<u64>>,
 ) -> io::Result<()> {
     let mut feeder = KernelFeeder::new(config, Instant::now(), sink.initialised());
     tracing::info!("kernel: {}", feeder.mode());
@@ -551,10 +612,20 @@ pub async fn run_with(
     let mut withdrawn = Withdrawals::default();
     let chunk = feeder.config.chunk();
     loop {
+        let seen = generations.as_ref().map_or(0, |g| *g.borrow());
+        if feeder.note_generations(seen, ON_VMGENID_BYTES) {
+            tracing::info!(
+                "kernel: new VM generation ID (this host was restored from a snapshot or \
+                 cloned): mixing in {ON_VMGENID_BYTES} fresh bytes, then reseeding"
+            );
+        }
         let want = feeder.wants(Instant::now());
         if want == 0 {
             if let Some(wake) = feeder.next_wake() {
-                tokio::time::sleep_until(wake.into()).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(wake.into()) => {}
+                    () = crate::vmgenid::next(generations.as_mut()) => {}
+                }
             }
             continue;
         }
@@ -853,6 +924,45 @@ mod tests {
     }
 
     #[test]
+    fn a_new_generation_fetches_at_once_and_reseeds_whatever_the_pace() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // Reseeds off, mixes every 10 s: neither stops a new generation.
+        let config = KernelConfig::default().with_reseed(s(0));
+        let mut sink = FakeSink::default();
+        let mut feeder = KernelFeeder::new(config, t0, true);
+        feeder.feed(t0, &mut sink, &[1; 64]).unwrap();
+        assert_eq!(feeder.wants(t0 + s(3)), 0);
+        assert!(sink.reseeds.is_empty());
+        feeder.fresh_generation(100);
+        assert_eq!(feeder.wants(t0 + s(3)), 100);
+        // Part of it: still owed, no reseed yet.
+        feeder.feed(t0 + s(3), &mut sink, &[2; 60]).unwrap();
+        assert_eq!(feeder.wants(t0 + s(3)), 40);
+        assert!(sink.reseeds.is_empty());
+        feeder.feed(t0 + s(3), &mut sink, &[3; 40]).unwrap();
+        assert_eq!(sink.reseeds, [3], "reseeded after the third write");
+        assert_eq!(feeder.wants(t0 + s(3)), 0);
+        // The pace goes on from the last mix.
+        assert_eq!(feeder.wants(t0 + s(13)), 64);
+        let st = feeder.stats();
+        assert_eq!(
+            (st.new_generations, st.reseeds, st.bytes_written),
+            (1, 1, 164)
+        );
+        // While filling too.
+        let mut sink = FakeSink {
+            init_after: usize::MAX,
+            ..FakeSink::default()
+        };
+        let mut feeder = KernelFeeder::new(KernelConfig::default(), t0, false);
+        feeder.fresh_generation(64);
+        assert_eq!(feeder.wants(t0), 256);
+        feeder.feed(t0, &mut sink, &[4; 256]).unwrap();
+        assert_eq!(sink.reseeds, [1]);
+    }
+
+    #[test]
     fn failed_reseeds_are_counted_paced_and_never_stop_the_output() {
         let t0 = Instant::now();
         let config = KernelConfig::default()
@@ -933,7 +1043,7 @@ mod tests {
             ..FakeSink::default()
         };
         let never: GateCloses = Arc::new(|_: &ekey_proto::keys::Serial| 0);
-        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, never));
+        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, never, None));
         // Filling takes whatever comes; then one topping mix is due after
         // an hour, so the rest stays in the channel (backpressure).
         // Two keys, alternating blocks.
@@ -989,7 +1099,7 @@ mod tests {
                 }
             })
         };
-        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, closes));
+        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, closes, None));
         tx.send(kb(1, a, 0)).await.unwrap();
         tx.send(kb(2, b, 0)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -242,13 +242,14 @@ pub(crate) fn start_kernel(
     let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));
     let (tx, rx) = mpsc::channel::<kernel::KeyBlock>(8);
     let st = stats.clone();
+    let generations = kernel::watch_generations();
     if bits == 0 {
         info!("feeding the kernel without credit (--kernel=0)");
     } else {
         info!("feeding the kernel, crediting {bits} bits per byte");
     }
     tokio::spawn(async move {
-        if let Err(e) = kernel::run_with(config, rx, st, sink, closes).await {
+        if let Err(e) = kernel::run_with(config, rx, st, sink, closes, generations).await {
             warn!("kernel output stopped: {e}");
         }
     });
