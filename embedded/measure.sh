@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds session-fw and device-fw for thumbv7m-none-eabi (release profile)
-# and prints what they cost:
+# Builds session-fw, device-fw, usb-fw and getrandom-fw for
+# thumbv7m-none-eabi (release profile) and prints what they cost:
 #   flash      = .vector_table + .text + .rodata + .data (initial values)
 #   static RAM = .data + .bss + .uninit (stack not included)
 #   stack      = deepest stack use seen in QEMU (only if qemu-system-arm is
@@ -8,7 +8,7 @@
 #                feature runs on QEMU's netduino2 board (Cortex-M3) for a few
 #                seconds; its RAM is then dumped and searched for the lowest
 #                word no longer 0xCCCCCCCC.
-#   state      = size_of::<Session>() / size_of::<Device>() on the target,
+#   state      = size_of::<Session>() / size_of::<Device>() / ... on the target,
 #                read off the ELF symbol of the static that holds it
 #                (MaybeUninit<T> has exactly T's size).
 # session-fw is built without the `device` feature, as a host-only firmware
@@ -34,6 +34,8 @@ cargo build --release --quiet --no-default-features --bin session-fw
 cp "$REL/session-fw" target/measure/session-fw
 cargo build --release --quiet --features usb --bin usb-fw
 cp "$REL/usb-fw" target/measure/usb-fw
+cargo build --release --quiet --bin getrandom-fw
+cp "$REL/getrandom-fw" target/measure/getrandom-fw
 
 have_qemu=no
 if command -v qemu-system-arm >/dev/null 2>&1; then
@@ -45,6 +47,8 @@ if command -v qemu-system-arm >/dev/null 2>&1; then
   cp "$PAINT_DIR/$TARGET/release/session-fw" target/measure/session-fw.paint
   CARGO_TARGET_DIR=$PAINT_DIR cargo build --release --quiet --features usb,paint-stack --bin usb-fw
   cp "$PAINT_DIR/$TARGET/release/usb-fw" target/measure/usb-fw.paint
+  CARGO_TARGET_DIR=$PAINT_DIR cargo build --release --quiet --features paint-stack --bin getrandom-fw
+  cp "$PAINT_DIR/$TARGET/release/getrandom-fw" target/measure/getrandom-fw.paint
 fi
 
 # --- ELF helpers -----------------------------------------------------------
@@ -102,7 +106,7 @@ static_value() {
 # --- table -------------------------------------------------------------------
 details=()
 notes=()
-row() { printf '%-11s %8s %10s %8s %8s %9s %10s %9s\n' "$@"; }
+row() { printf '%-13s %8s %10s %8s %8s %9s %10s %9s\n' "$@"; }
 echo
 opt=${CARGO_PROFILE_RELEASE_OPT_LEVEL:-$(sed -n 's/^opt-level = "\(.*\)"/\1/p' Cargo.toml)}
 echo "thumbv7m-none-eabi, release profile (opt-level=$opt, lto, codegen-units=1, panic=abort)"
@@ -110,7 +114,7 @@ echo "memory.x: $(sed -n 's/^ *FLASH.*LENGTH = \(.*\)$/\1/p' memory.x) flash, $(
 echo
 row binary flash "(.text)" "(input)" "static" "stack" "RAM total" "size_of"
 row "" bytes "" "" "RAM" "(QEMU)" "" "state"
-for bin in session-fw device-fw usb-fw; do
+for bin in session-fw device-fw usb-fw getrandom-fw; do
   elf=target/measure/$bin
   vt=$(section "$elf" .vector_table); tx=$(section "$elf" .text)
   ro=$(section "$elf" .rodata); da=$(section "$elf" .data)
@@ -121,6 +125,7 @@ for bin in session-fw device-fw usb-fw; do
     session-fw) state_sym='SESSION'; state_name=Session; input=key_to_host.bin ;;
     device-fw) state_sym='DEVICE'; state_name=Device; input=host_to_key.bin ;;
     usb-fw) state_sym='CLASS'; state_name=EntropyKeyClass ;;
+    getrandom-fw) state_sym='RNG'; state_name=EntropyKeyRng; input=key_to_host.bin ;;
   esac
   read -r _ state_size < <(symbol "$elf" "main_trampoline.*$state_sym")
   # The recorded conversation the firmware replays, part of .rodata
@@ -138,6 +143,8 @@ for bin in session-fw device-fw usb-fw; do
       total=$((ram + stack))
       if [ "$bin" = session-fw ]; then
         qemu_note="$bin on QEMU: $(static_value "$elf.paint" 'sink10BLOCKS_OUT' "$dump") entropy blocks released"
+      elif [ "$bin" = getrandom-fw ]; then
+        qemu_note="$bin on QEMU: $(static_value "$elf.paint" 'sink10BLOCKS_OUT' "$dump") getrandom calls got the key's bytes, $(static_value "$elf.paint" 'sink16GETRANDOM_ERRORS' "$dump") failed (last error code $(static_value "$elf.paint" 'sink20GETRANDOM_LAST_ERROR' "$dump"))"
       elif [ "$bin" = usb-fw ]; then
         qemu_note="$bin on QEMU: idles (no host); stack = construction + an idle poll only, $(static_value "$elf.paint" 'sink10FRAMES_OUT' "$dump") frames"
       else

@@ -9,6 +9,10 @@
 //!   a recorded key ([`transcript::KEY_TO_HOST`]); `session-fw`.
 //! - [`device_app`]: a software [`Device`](ekey_proto::device::Device) fed the
 //!   host's recorded commands ([`transcript::HOST_TO_KEY`]); `device-fw`.
+//! - [`getrandom_app`] and [`getrandom_backend`]: ekey-proto's
+//!   [`EntropyKeyRng`](ekey_proto::rng::EntropyKeyRng) over a transport
+//!   replaying the recorded key, registered as `getrandom`'s custom
+//!   backend; `getrandom-fw` (its module docs list the steps).
 //!
 //! Nothing here is a real firmware: there is no USB, the clock is a counter,
 //! and the nonce generator is deliberately insecure ([`xorshift`]).
@@ -19,6 +23,8 @@
 #[cfg(feature = "device")]
 pub mod device_app;
 pub mod fixture;
+pub mod getrandom_app;
+pub mod getrandom_backend;
 #[cfg(feature = "usb")]
 pub mod register_bus;
 pub mod session_app;

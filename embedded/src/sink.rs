@@ -27,6 +27,14 @@ pub static TX_COUNT: AtomicU32 = AtomicU32::new(0);
 /// Frame slots that produced output (device-fw).
 pub static FRAMES_OUT: AtomicU32 = AtomicU32::new(0);
 
+/// getrandom calls that failed (getrandom-fw).
+pub static GETRANDOM_ERRORS: AtomicU32 = AtomicU32::new(0);
+
+/// The last failed getrandom call's error code (getrandom-fw): the
+/// backend's custom code (`getrandom_backend::code`), or `u32::MAX` for
+/// any other error.
+pub static GETRANDOM_LAST_ERROR: AtomicU32 = AtomicU32::new(0);
+
 /// Publishes one released entropy block.
 pub fn entropy(block: &[u8; 32]) {
     let out = black_box(&ENTROPY_OUT);
@@ -51,4 +59,10 @@ pub fn transmit(bytes: &[u8]) {
 /// Counts one frame slot that produced output.
 pub fn frame_slot() {
     black_box(&FRAMES_OUT).fetch_add(1, Relaxed);
+}
+
+/// Counts one failed getrandom call and records its error code.
+pub fn getrandom_error(code: u32) {
+    black_box(&GETRANDOM_LAST_ERROR).store(code, Relaxed);
+    black_box(&GETRANDOM_ERRORS).fetch_add(1, Relaxed);
 }

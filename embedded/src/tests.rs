@@ -116,8 +116,194 @@ fn sizes_on_this_host() {
         size_of::<ekey_proto::device::Device>()
     );
     println!(
+        "  size_of::<getrandom_app::KeyRng<fn(&[u8])>>() = {}",
+        size_of::<crate::getrandom_app::KeyRng<fn(&[u8])>>()
+    );
+    println!(
         "  transcript: {} bytes key->host, {} bytes host->key",
         transcript::KEY_TO_HOST.len(),
         transcript::HOST_TO_KEY.len()
     );
+}
+
+// --- getrandom-fw: the key's RNG as getrandom's custom backend ----------
+//
+// These call `Backend::fill`, the body of getrandom-fw's
+// `__getrandom_v03_custom`: on the host getrandom keeps the OS's source
+// (the custom-backend cfg is set for thumbv7m-none-eabi only), so the
+// extern function itself is exercised by the firmware build, not here.
+// Each test has its own `Backend`, not the global `BACKEND`.
+
+mod getrandom_backend {
+    extern crate std;
+
+    use std::boxed::Box;
+    use std::sync::{Arc, Mutex};
+    use std::vec;
+    use std::vec::Vec;
+
+    use ekey_proto::host::State;
+    use ekey_proto::keys::LongTermKey;
+    use ekey_proto::rng::{EntropyKeyRng, SingleKey};
+    use getrandom::Error;
+
+    use crate::fixture;
+    use crate::getrandom_app::{self, ReplayLink, TickClock};
+    use crate::getrandom_backend::{self as backend, Backend, KeySource};
+    use crate::transcript::{self, recorded};
+    use crate::xorshift::InsecureNonceRng;
+
+    fn leak<T>(t: T) -> &'static mut T {
+        Box::leak(Box::new(t))
+    }
+
+    /// What the RNG sent to the "key".
+    type Sent = Arc<Mutex<Vec<u8>>>;
+
+    /// getrandom-fw's RNG, keyed; the host's bytes are collected in `log`.
+    fn keyed_rng(log: Sent) -> &'static mut getrandom_app::KeyRng<impl FnMut(&[u8]) + Send> {
+        let rng = leak(getrandom_app::new_key_rng(
+            transcript::KEY_TO_HOST,
+            move |b: &[u8]| log.lock().unwrap().extend_from_slice(b),
+        ));
+        getrandom_app::key_session(rng).expect("the recorded key keys");
+        assert_eq!(rng.state(), State::Running);
+        rng
+    }
+
+    #[test]
+    fn fails_before_registration_and_writes_nothing() {
+        let backend = Backend::new();
+        assert!(!backend.is_registered());
+        let mut buf = [0xa5u8; 16];
+        assert_eq!(backend.fill(&mut buf), Err(backend::NOT_REGISTERED));
+        assert_eq!(buf, [0xa5; 16]);
+        assert_eq!(
+            backend::code_of(backend::NOT_REGISTERED),
+            Some(backend::code::NOT_REGISTERED)
+        );
+        assert_eq!(backend::code_of(Error::UNSUPPORTED), None);
+        assert_ne!(backend::NOT_REGISTERED, Error::UNSUPPORTED);
+    }
+
+    #[test]
+    fn hands_out_the_keys_bytes_then_the_keys_error() {
+        let sent = Sent::default();
+        let rng = keyed_rng(Arc::clone(&sent));
+        let backend = Backend::new();
+        assert!(backend.register(rng).is_ok());
+        assert!(backend.is_registered());
+
+        // Keying used the stream's first byte.
+        let mut first = [0u8; 31];
+        backend.fill(&mut first).unwrap();
+        assert_eq!(first[..], recorded::FIRST_BLOCK[1..]);
+        // Then block by block, the last one being the recording's last.
+        let mut blocks = 0;
+        let mut last = [0u8; 32];
+        let err = loop {
+            let mut buf = [0x5au8; 32];
+            match backend.fill(&mut buf) {
+                Ok(()) => {
+                    blocks += 1;
+                    last = buf;
+                }
+                Err(e) => {
+                    assert_eq!(buf, [0; 32], "no bytes on error");
+                    break e;
+                }
+            }
+        };
+        assert_eq!(blocks, fixture::RECORDED_BLOCKS - 1);
+        assert_eq!(last, recorded::LAST_BLOCK);
+        // The recording ran out: end of file, reported as such, for good.
+        assert_eq!(err, backend::KEY_EOF);
+        assert_eq!(backend::code_of(err), Some(backend::code::KEY_EOF));
+        assert_eq!(backend.fill(&mut [0; 1]), Err(backend::KEY_EOF));
+        // The RNG said what the recorded host said (reset, `K` + nonce).
+        assert_eq!(*sent.lock().unwrap(), transcript::HOST_TO_KEY);
+    }
+
+    #[test]
+    fn a_failed_fill_wipes_the_bytes_it_got() {
+        let rng = keyed_rng(Sent::default());
+        let backend = Backend::new();
+        assert!(backend.register(rng).is_ok());
+        // One byte more than the recording has left: every byte but the
+        // last was the key's, and the call still fails with nothing in it.
+        let left = fixture::RECORDED_BLOCKS as usize * 32 - 1;
+        let mut buf = vec![0x5au8; left + 1];
+        assert_eq!(backend.fill(&mut buf), Err(backend::KEY_EOF));
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_wrong_long_term_key_gives_an_error_not_bytes() {
+        let mut rng = EntropyKeyRng::new(
+            ReplayLink::new(transcript::KEY_TO_HOST, |_: &[u8]| {}),
+            SingleKey::new(LongTermKey::from_bytes([0x55; 32])),
+            InsecureNonceRng::new(fixture::NONCE_SEED),
+            TickClock::default(),
+        );
+        let mut buf = [0x5au8; 8];
+        assert_eq!(
+            KeySource::fill(&mut rng, &mut buf),
+            Err(backend::KEY_REJECTED)
+        );
+        assert_eq!(rng.state(), State::LongTermKeyRejected);
+
+        let backend = Backend::new();
+        assert!(backend.register(leak(rng)).is_ok());
+        let mut buf = [0x5au8; 8];
+        assert_eq!(backend.fill(&mut buf), Err(backend::KEY_REJECTED));
+        assert_eq!(buf, [0; 8]);
+    }
+
+    /// A source that fills with one byte value.
+    struct Pattern(u8);
+
+    impl KeySource for Pattern {
+        fn fill(&mut self, dest: &mut [u8]) -> Result<(), Error> {
+            dest.fill(self.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn registers_once() {
+        let backend = Backend::new();
+        assert!(backend.register(leak(Pattern(1))).is_ok());
+        assert!(backend.register(leak(Pattern(2))).is_err());
+        let mut buf = [0u8; 4];
+        backend.fill(&mut buf).unwrap();
+        assert_eq!(buf, [1; 4]);
+    }
+
+    /// A source that calls the backend again from inside `fill`, as an
+    /// interrupt handler calling getrandom during a call would.
+    struct Reentrant(&'static Backend);
+
+    impl KeySource for Reentrant {
+        fn fill(&mut self, dest: &mut [u8]) -> Result<(), Error> {
+            let mut inner = [0u8; 4];
+            match self.0.fill(&mut inner) {
+                Err(e) if e == backend::BUSY => {
+                    dest.fill(0xb5);
+                    Ok(())
+                }
+                _ => Err(Error::UNEXPECTED),
+            }
+        }
+    }
+
+    #[test]
+    fn a_call_during_a_call_is_busy_not_a_deadlock() {
+        let backend: &'static Backend = leak(Backend::new());
+        assert!(backend.register(leak(Reentrant(backend))).is_ok());
+        let mut buf = [0u8; 8];
+        backend.fill(&mut buf).unwrap();
+        assert_eq!(buf, [0xb5; 8]);
+        // And the source was put back.
+        backend.fill(&mut buf).unwrap();
+    }
 }
