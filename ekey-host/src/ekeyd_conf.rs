@@ -160,16 +160,16 @@ fn tokens(text: &str) -> Result<Vec<(usize, Token)>, ConfError> {
                         None | Some('\n') => return Err(err(line, "a string that never ends")),
                         Some(q) if q == c => break,
                         Some('\\') => match chars.next() {
-                            Some('n') => s.push('\n'),
-                            Some('t') => s.push('\t'),
                             Some(e @ ('\\' | '"' | '\'')) => s.push(e),
                             _ => {
-                                return Err(err(
-                                    line,
-                                    "an escape other than \\n \\t \\\\ \\\" \\'",
-                                ));
+                                return Err(err(line, "an escape other than \\\\ \\\" \\'"));
                             }
                         },
+                        // Paths and addresses have none, and they would
+                        // break the lines `migrate-ekeyd-config` prints.
+                        Some(ch) if ch.is_control() => {
+                            return Err(err(line, "a control character in a string"));
+                        }
                         Some(ch) => s.push(ch),
                     }
                 }
@@ -365,7 +365,30 @@ impl Settings {
         group: impl Fn(&str) -> Option<u32>,
     ) -> Result<Self, ConfError> {
         let mut s = Settings::default();
+        // Directives that set one thing: the last one given wins, as in
+        // ekeyd, and the earlier one is named.
+        let mut once = std::collections::HashMap::new();
         for d in directives {
+            const ONCE: [&str; 6] = [
+                "Keyring",
+                "SetOutputToFile",
+                "SetOutputToKernel",
+                "EGDTCPSocket",
+                "EGDUnixSocket",
+                "UnixControlSocket",
+            ];
+            if ONCE.contains(&d.name.as_str())
+                && let Some(first) = once.insert(d.name.clone(), d.line)
+            {
+                s.notes.push(Note {
+                    line: d.line,
+                    warning: true,
+                    text: format!(
+                        "{}: given again (first on line {first}); this one is used",
+                        d.name
+                    ),
+                });
+            }
             let note = |warning: bool, text: String| Note {
                 line: d.line,
                 warning,
@@ -720,6 +743,8 @@ Foldback()
                 "line 1: a --[[ comment that never ends",
             ),
             ("Keyring(", "no closing ')'"),
+            ("Keyring \"/k\\n\"", "an escape other than"),
+            ("Keyring \"/k\tx\"", "line 1: a control character"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
@@ -747,6 +772,21 @@ Foldback()
             let err = map(text);
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_directive_given_twice_is_named() {
+        let d = parse("Keyring \"/a\"\nEGDTCPSocket(1)\nKeyring \"/b\"\n").unwrap();
+        let s = Settings::from_directives(&d, |_| Ok(Vec::new()), |_| None).unwrap();
+        assert_eq!(s.keyring.as_deref(), Some(Path::new("/b")));
+        assert_eq!(
+            s.notes,
+            [Note {
+                line: 3,
+                warning: true,
+                text: "Keyring: given again (first on line 1); this one is used".into(),
+            }]
+        );
     }
 
     #[test]

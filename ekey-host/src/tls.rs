@@ -119,16 +119,17 @@ fn pem_why(e: rustls_pki_types::pem::Error) -> String {
     }
 }
 
-/// Refuses a key file that group or others may read.
-fn check_key_mode(flag: &'static str, path: &Path) -> Result<(), TlsError> {
+/// Refuses a key file that group or others may read (`meta`: the open
+/// file's, so the file checked is the file read).
+fn check_key_mode(
+    flag: &'static str,
+    path: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), TlsError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| file_error(flag, path, e))?
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = meta.permissions().mode() & 0o777;
         let who = match (mode & 0o040 != 0, mode & 0o004 != 0) {
             (true, true) => "group and others",
             (true, false) => "group",
@@ -144,15 +145,22 @@ fn check_key_mode(flag: &'static str, path: &Path) -> Result<(), TlsError> {
     }
     #[cfg(not(unix))]
     {
-        let _ = (flag, path);
+        let _ = (flag, path, meta);
         Ok(())
     }
 }
 
-/// Reads a private key, after checking its file's mode.
+/// Reads a private key: opens the file once, checks that open file's
+/// mode, and reads its PEM text into a buffer wiped afterwards.
 fn read_key(flag: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    check_key_mode(flag, path)?;
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(flag, path, pem_why(e)))
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| file_error(flag, path, e))?;
+    let meta = file.metadata().map_err(|e| file_error(flag, path, e))?;
+    check_key_mode(flag, path, &meta)?;
+    let mut pem = zeroize::Zeroizing::new(Vec::new());
+    file.read_to_end(&mut pem)
+        .map_err(|e| file_error(flag, path, e))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_error(flag, path, pem_why(e)))
 }
 
 /// Reads CA certificates into a root store; a file with no usable CA is an
@@ -206,12 +214,16 @@ pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError>
     let verifier = WebPkiClientVerifier::builder_with_provider(own.roots, provider())
         .build()
         .map_err(|e| file_error(ca.0, ca.1, e))?;
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(own.certs, own.key)
         .map_err(|e| pair_error(&files.cert, &files.key, e))?;
+    // No resumption: every connection shows a certificate checked now (a
+    // resumed session would skip an expired one). Guests connect rarely.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -297,7 +309,7 @@ pub fn subject_matches(subject: &str, allowed: &str) -> bool {
     if subject == allowed {
         return true;
     }
-    let Some(want) = strip_cn(allowed) else {
+    let Some(want) = allowed_cn(allowed) else {
         return false;
     };
     // RDNs are separated by unescaped commas (and multi-valued ones by
@@ -309,7 +321,7 @@ pub fn subject_matches(subject: &str, allowed: &str) -> bool {
             _ if escaped => escaped = false,
             '\\' => escaped = true,
             ',' | '+' => {
-                if subject.get(start..i).and_then(strip_cn) == Some(want) {
+                if subject.get(start..i).and_then(subject_cn) == Some(want) {
                     return true;
                 }
                 start = i + 1;
@@ -317,12 +329,21 @@ pub fn subject_matches(subject: &str, allowed: &str) -> bool {
             _ => {}
         }
     }
-    subject.get(start..).and_then(strip_cn) == Some(want)
+    subject.get(start..).and_then(subject_cn) == Some(want)
 }
 
-fn strip_cn(s: &str) -> Option<&str> {
-    let (k, v) = s.trim().split_once('=')?;
+/// The NAME of an `--egd-allow-subject CN=NAME` (spaces around the
+/// whole value and the key are the user's, and dropped).
+fn allowed_cn(s: &str) -> Option<&str> {
+    let (k, v) = s.split_once('=')?;
     k.trim().eq_ignore_ascii_case("CN").then_some(v)
+}
+
+/// The value of one RDN of a subject if it is `CN=…`, exactly as the
+/// certificate has it (no trimming: a name with trailing spaces, escaped
+/// or Unicode, is another name).
+fn subject_cn(rdn: &str) -> Option<&str> {
+    rdn.strip_prefix("CN=")
 }
 
 /// Certificates for tests, made with rcgen.
@@ -404,5 +425,10 @@ mod tests {
         // The escaped comma is not a separator: " Inc." is no RDN.
         assert!(!subject_matches("CN=a\\,CN=b", "CN=b"));
         assert!(subject_matches("O=x+CN=guest", "CN=guest"));
+        // A look-alike with a trailing no-break space (x509-cert does not
+        // escape it) is another name.
+        assert!(!subject_matches("CN=guest1\u{a0},O=Example", "CN=guest1"));
+        assert!(!subject_matches("CN=guest1\u{2003}", "CN=guest1"));
+        assert!(!subject_matches("O=CN=guest1", "CN=guest1"));
     }
 }

@@ -107,14 +107,12 @@ fn the_command_line_wins_and_migration_prints_the_same_options() {
         String::from_utf8_lossy(&migrate.stderr)
     );
     let line = "run --keyring /nonexistent/keyring --device /nonexistent/key --output /nonexistent/out --control /nonexistent/ctl";
+    // The binary named is the one that ran.
+    let bin = ekey_host().canonicalize().unwrap();
+    let bin = bin.display();
+    assert!(text.contains(&format!("\n{bin} {line}\n")), "{text}");
     assert!(
-        text.contains(&format!("/usr/local/bin/ekey-host {line}\n")),
-        "{text}"
-    );
-    assert!(
-        text.contains(&format!(
-            "ExecStart=\nExecStart=/usr/local/bin/ekey-host {line}\n"
-        )),
+        text.contains(&format!("ExecStart=\nExecStart={bin} {line}\n")),
         "{text}"
     );
     assert!(

@@ -250,10 +250,16 @@ fn is_socket(path: &Path) -> bool {
 
 fn classify_egd_addr(s: &str, is_socket: bool) -> Result<EgdAddr, String> {
     if let Some(rest) = s.strip_prefix("tls://") {
-        return match host_port(rest) {
-            Ok(()) => Ok(EgdAddr::Tls(rest.to_string())),
-            Err(why) => Err(format!("{s:?}: {why} (expected tls://HOST:PORT)")),
-        };
+        if let Err(why) = host_port(rest) {
+            return Err(format!("{s:?}: {why} (expected tls://HOST:PORT)"));
+        }
+        // The host is what the server's certificate must name: check it
+        // now rather than at every connection attempt.
+        #[cfg(feature = "tls")]
+        if let Err(e) = tls_host(rest) {
+            return Err(format!("{s:?}: {e}"));
+        }
+        return Ok(EgdAddr::Tls(rest.to_string()));
     }
     if s.contains('/') || is_socket {
         return Ok(EgdAddr::Unix(PathBuf::from(s)));
@@ -725,7 +731,11 @@ async fn session<S: EntropySink>(
             commands.extend_from_slice(&[0x02, piece as u8]);
             rest -= piece;
         }
-        if let Err(e) = with_timeout(opts.read_timeout, conn.write_all(&commands)).await {
+        let ask = async {
+            conn.write_all(&commands).await?;
+            conn.flush().await
+        };
+        if let Err(e) = with_timeout(opts.read_timeout, ask).await {
             return End::Lost(e);
         }
         buf.clear();
@@ -873,6 +883,12 @@ mod tests {
         assert_eq!(
             parse_egd_addr("tls://[::1]:7777"),
             Ok(EgdAddr::Tls("[::1]:7777".into()))
+        );
+        #[cfg(feature = "tls")]
+        assert!(
+            parse_egd_addr("tls://bad_name!:1")
+                .unwrap_err()
+                .contains("not a host name or address")
         );
         for bad in [
             "tls://",

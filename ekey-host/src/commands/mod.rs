@@ -41,19 +41,7 @@ pub fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Documentation commands: no logging, no runtime.
-    let docs = match &cli.command {
-        Command::Completions { shell } => Some(docs::completions(*shell, &mut io::stdout())),
-        Command::Man { dir } => Some(docs::man_pages(dir).map(|pages| {
-            println!("wrote {} manual pages to {}", pages.len(), dir.display());
-        })),
-        Command::MigrateEkeydConfig { file } => Some(
-            Settings::read(file)
-                .map(|s| print!("{}", migration(&s, file, "/usr/local/bin/ekey-host")))
-                .map_err(|e| format!("{}: {e}", file.display())),
-        ),
-        _ => None,
-    };
-    if let Some(done) = docs {
+    if let Some(done) = offline_command(&cli.command) {
         return match done {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -197,4 +185,30 @@ fn apply_ekeyd_config(
     );
     take(&mut outputs.control, s.control.map(Some), given("control"));
     Ok(())
+}
+
+/// This program's path, for the command lines it prints (`ekey-host` if
+/// unknown).
+fn this_binary() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_string))
+        .unwrap_or_else(|| "ekey-host".to_string())
+}
+
+/// The commands that only print or write files from the command line's
+/// definition (or a config file); `None` for the others.
+fn offline_command(command: &Command) -> Option<Result<(), String>> {
+    match command {
+        Command::Completions { shell } => Some(docs::completions(*shell, &mut io::stdout())),
+        Command::Man { dir } => Some(docs::man_pages(dir).map(|pages| {
+            println!("wrote {} manual pages to {}", pages.len(), dir.display());
+        })),
+        Command::MigrateEkeydConfig { file } => Some(
+            Settings::read(file)
+                .map(|s| print!("{}", migration(&s, file, &this_binary())))
+                .map_err(|e| format!("{}: {e}", file.display())),
+        ),
+        _ => None,
+    }
 }

@@ -188,14 +188,20 @@ impl Daemon {
             ("status", "") => self.answer_status(),
             ("reload", "") => {
                 let keyring = self.reload();
-                let tls = match self.tls.reload() {
+                let tls = self.tls.reload();
+                let tls_text = match &tls {
                     None => String::new(),
                     Some(Ok(())) => "; TLS files reloaded".to_string(),
                     Some(Err(e)) => format!("; TLS files not reloaded (the old ones stay): {e}"),
                 };
-                match keyring {
-                    Ok(n) => format!("ok: keyring reloaded, {n} keys{tls}\n"),
-                    Err(e) => format!("error: {e}{tls}\n"),
+                match (keyring, tls) {
+                    (Ok(n), None | Some(Ok(()))) => {
+                        format!("ok: keyring reloaded, {n} keys{tls_text}\n")
+                    }
+                    (Ok(n), Some(Err(_))) => {
+                        format!("error: keyring reloaded, {n} keys{tls_text}\n")
+                    }
+                    (Err(e), _) => format!("error: {e}{tls_text}\n"),
                 }
             }
             ("release", target) if !target.is_empty() => self.answer_release(target).await,

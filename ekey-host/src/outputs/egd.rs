@@ -1771,6 +1771,9 @@ impl Client {
                 slot.granted.copy_front(&mut buf[..k])
             };
             if ready == 0 {
+                // What is written must be on its way before waiting (TLS
+                // may still hold a record).
+                wr.flush().await?;
                 self.wake.notified().await;
                 continue;
             }

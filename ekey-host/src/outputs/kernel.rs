@@ -459,6 +459,9 @@ impl KernelFeeder {
                 }
                 Err(e) => {
                     self.stats.ioctl_failures += 1;
+                    // A new generation's bytes are asked for once: a kernel
+                    // refusing them must not make the feeder spin.
+                    self.fresh = 0;
                     result = Err(e);
                 }
             }
