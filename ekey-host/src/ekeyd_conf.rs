@@ -125,54 +125,15 @@ fn tokens(text: &str) -> Result<Vec<(usize, Token)>, ConfError> {
             c if c.is_whitespace() => {}
             '-' if chars.peek() == Some(&'-') => {
                 chars.next();
-                let rest: String = chars.clone().take(2).collect();
-                if rest == "[[" {
-                    let start = line;
-                    let mut prev = ' ';
-                    let mut closed = false;
-                    for c in chars.by_ref() {
-                        if c == '\n' {
-                            line += 1;
-                        }
-                        if prev == ']' && c == ']' {
-                            closed = true;
-                            break;
-                        }
-                        prev = c;
-                    }
-                    if !closed {
-                        return Err(err(start, "a --[[ comment that never ends"));
-                    }
-                } else {
-                    while chars.peek().is_some_and(|&c| c != '\n') {
-                        chars.next();
-                    }
-                }
+                line += skip_comment(&mut chars)
+                    .ok_or_else(|| err(line, "a --[[ comment that never ends"))?;
             }
             '(' => out.push((line, Token::Open)),
             ')' => out.push((line, Token::Close)),
             ',' => out.push((line, Token::Comma)),
             ';' => out.push((line, Token::Semi)),
             '"' | '\'' => {
-                let mut s = String::new();
-                loop {
-                    match chars.next() {
-                        None | Some('\n') => return Err(err(line, "a string that never ends")),
-                        Some(q) if q == c => break,
-                        Some('\\') => match chars.next() {
-                            Some(e @ ('\\' | '"' | '\'')) => s.push(e),
-                            _ => {
-                                return Err(err(line, "an escape other than \\\\ \\\" \\'"));
-                            }
-                        },
-                        // Paths and addresses have none, and they would
-                        // break the lines `migrate-ekeyd-config` prints.
-                        Some(ch) if ch.is_control() => {
-                            return Err(err(line, "a control character in a string"));
-                        }
-                        Some(ch) => s.push(ch),
-                    }
-                }
+                let s = string_literal(&mut chars, c).map_err(|why| err(line, why))?;
                 out.push((line, Token::Value(Value::Str(s))));
             }
             c if c.is_ascii_digit() || c == '-' || c == '.' => {
@@ -219,6 +180,50 @@ fn tokens(text: &str) -> Result<Vec<(usize, Token)>, ConfError> {
         }
     }
     Ok(out)
+}
+
+type Chars<'a> = std::iter::Peekable<std::str::Chars<'a>>;
+
+/// Skips a comment after its `--`: to the end of the line, or a `--[[ …
+/// ]]` block; the newlines it skipped, or `None` for a block never closed.
+fn skip_comment(chars: &mut Chars<'_>) -> Option<usize> {
+    let rest: String = chars.clone().take(2).collect();
+    if rest != "[[" {
+        while chars.peek().is_some_and(|&c| c != '\n') {
+            chars.next();
+        }
+        return Some(0);
+    }
+    let (mut lines, mut prev) = (0, ' ');
+    for c in chars.by_ref() {
+        if c == '\n' {
+            lines += 1;
+        }
+        if prev == ']' && c == ']' {
+            return Some(lines);
+        }
+        prev = c;
+    }
+    None
+}
+
+/// The rest of a string literal opened by `quote`, on one line.
+fn string_literal(chars: &mut Chars<'_>, quote: char) -> Result<String, &'static str> {
+    let mut s = String::new();
+    loop {
+        match chars.next() {
+            None | Some('\n') => return Err("a string that never ends"),
+            Some(q) if q == quote => return Ok(s),
+            Some('\\') => match chars.next() {
+                Some(e @ ('\\' | '"' | '\'')) => s.push(e),
+                _ => return Err("an escape other than \\\\ \\\" \\'"),
+            },
+            // Paths and addresses have none, and they would break the
+            // lines `migrate-ekeyd-config` prints.
+            Some(ch) if ch.is_control() => return Err("a control character in a string"),
+            Some(ch) => s.push(ch),
+        }
+    }
 }
 
 /// Reads the calls of an ekeyd configuration (see the module docs).
@@ -380,112 +385,127 @@ impl Settings {
             if ONCE.contains(&d.name.as_str())
                 && let Some(first) = once.insert(d.name.clone(), d.line)
             {
-                s.notes.push(Note {
-                    line: d.line,
-                    warning: true,
-                    text: format!(
-                        "{}: given again (first on line {first}); this one is used",
-                        d.name
-                    ),
-                });
-            }
-            let note = |warning: bool, text: String| Note {
-                line: d.line,
-                warning,
-                text: format!("{}: {text}", d.name),
-            };
-            match d.name.as_str() {
-                "Keyring" => s.keyring = Some(string(d, 0, "the keyring file")?.into()),
-                "AddEntropyKey" => {
-                    s.devices.push(string(d, 0, "the device")?.into());
-                    if present(d, 1) {
-                        s.notes.push(note(
-                            false,
-                            "the serial is not needed: ekey-host reads it from the key and looks it up in the keyring".into(),
-                        ));
-                    }
-                }
-                "AddEntropyKeys" => {
-                    let dir = PathBuf::from(string(d, 0, "the directory")?);
-                    match entries(&dir) {
-                        Ok(mut found) => {
-                            found.sort();
-                            s.notes.push(note(
-                                false,
-                                format!(
-                                    "{} device(s) in {} now; keys on USB are found (and hot-plugged) without it",
-                                    found.len(),
-                                    dir.display()
-                                ),
-                            ));
-                            s.devices.extend(found);
-                        }
-                        Err(e) => s.notes.push(note(
-                            true,
-                            format!("cannot list {}: {e}; keys on USB are found without it", dir.display()),
-                        )),
-                    }
-                }
-                "SetOutputToFile" => s.output = Some(string(d, 0, "the file")?.into()),
-                "SetOutputToKernel" => s.kernel = Some(whole(d, 0, "the bits per byte", 0..=8)? as u8),
-                "EGDTCPSocket" => {
-                    let port = whole(d, 0, "the port", 1..=65535)?;
-                    let addr = if present(d, 1) {
-                        string(d, 1, "the address")?
-                    } else {
-                        "127.0.0.1".into()
-                    };
-                    let host = if addr.contains(':') && !addr.starts_with('[') {
-                        format!("[{addr}]")
-                    } else {
-                        addr
-                    };
-                    s.egd_tcp = Some(format!("{host}:{port}"));
-                }
-                "EGDUnixSocket" => {
-                    s.egd_unix = Some(string(d, 0, "the socket path")?.into());
-                    if present(d, 1) {
-                        let mode = string(d, 1, "the mode (octal, as a string)")?;
-                        if u32::from_str_radix(mode.trim(), 8).map_or(true, |m| m > 0o777) {
-                            return Err(arg_error(d, format!("{mode:?} is not an octal mode")));
-                        }
-                        s.egd_mode = Some(mode.trim().to_string());
-                    }
-                    if matches!(d.args.get(2), Some(Value::Str(u)) if !u.is_empty()) {
-                        s.notes.push(note(
-                            true,
-                            "the socket's owner is not changed: it is the daemon's user".into(),
-                        ));
-                    }
-                    if present(d, 3) {
-                        let name = string(d, 3, "the group")?;
-                        let gid = name.parse().ok().or_else(|| group(&name)).ok_or_else(|| {
-                            arg_error(d, format!("no group {name:?} on this machine"))
-                        })?;
-                        s.egd_group = Some(gid);
-                    }
-                }
-                "UnixControlSocket" => s.control = Some(string(d, 0, "the socket path")?.into()),
-                "TCPControlSocket" => s.notes.push(note(
+                s.note(
+                    d,
                     true,
-                    "refused: a TCP control socket is unauthenticated (anyone on the host could release or re-key keys); use UnixControlSocket (mode 0600)".into(),
-                )),
-                "Daemonise" => s.notes.push(note(
-                    false,
-                    "ignored: ekey-host stays in the foreground, for systemd (Type=notify)".into(),
-                )),
-                "SetUID" | "SetGID" => s.notes.push(note(
-                    true,
-                    "not supported: run ekey-host as that user with systemd's User= and Group= (see contrib/ekey-host.service)".into(),
-                )),
-                _ => s.notes.push(Note {
-                    line: d.line,
-                    warning: true,
-                    text: format!("{}: not a directive ekey-host knows; ignored", d.name),
-                }),
+                    format!("given again (first on line {first}); this one is used"),
+                );
             }
+            s.take(d, &entries, &group)?;
         }
         Ok(s)
+    }
+
+    fn note(&mut self, d: &Directive, warning: bool, text: impl fmt::Display) {
+        self.notes.push(Note {
+            line: d.line,
+            warning,
+            text: format!("{}: {text}", d.name),
+        });
+    }
+
+    /// Maps one directive.
+    fn take(
+        &mut self,
+        d: &Directive,
+        entries: impl Fn(&Path) -> std::io::Result<Vec<PathBuf>>,
+        group: impl Fn(&str) -> Option<u32>,
+    ) -> Result<(), ConfError> {
+        match d.name.as_str() {
+            "Keyring" => self.keyring = Some(string(d, 0, "the keyring file")?.into()),
+            "AddEntropyKey" => {
+                self.devices.push(string(d, 0, "the device")?.into());
+                if present(d, 1) {
+                    self.note(d, false, "the serial is not needed: ekey-host reads it from the key and looks it up in the keyring");
+                }
+            }
+            "AddEntropyKeys" => self.take_key_dir(d, entries)?,
+            "SetOutputToFile" => self.output = Some(string(d, 0, "the file")?.into()),
+            "SetOutputToKernel" => self.kernel = Some(whole(d, 0, "the bits per byte", 0..=8)? as u8),
+            "EGDTCPSocket" => {
+                let port = whole(d, 0, "the port", 1..=65535)?;
+                let addr = if present(d, 1) {
+                    string(d, 1, "the address")?
+                } else {
+                    "127.0.0.1".into()
+                };
+                let host = if addr.contains(':') && !addr.starts_with('[') {
+                    format!("[{addr}]")
+                } else {
+                    addr
+                };
+                self.egd_tcp = Some(format!("{host}:{port}"));
+            }
+            "EGDUnixSocket" => self.take_egd_unix(d, group)?,
+            "UnixControlSocket" => self.control = Some(string(d, 0, "the socket path")?.into()),
+            "TCPControlSocket" => self.note(d, true, "refused: a TCP control socket is unauthenticated (anyone on the host could release or re-key keys); use UnixControlSocket (mode 0600)"),
+            "Daemonise" => self.note(d, false, "ignored: ekey-host stays in the foreground, for systemd (Type=notify)"),
+            "SetUID" | "SetGID" => self.note(d, true, "not supported: run ekey-host as that user with systemd's User= and Group= (see contrib/ekey-host.service)"),
+            _ => self.note(d, true, "not a directive ekey-host knows; ignored"),
+        }
+        Ok(())
+    }
+
+    /// `AddEntropyKeys(DIR)`: the entries of DIR now.
+    fn take_key_dir(
+        &mut self,
+        d: &Directive,
+        entries: impl Fn(&Path) -> std::io::Result<Vec<PathBuf>>,
+    ) -> Result<(), ConfError> {
+        let dir = PathBuf::from(string(d, 0, "the directory")?);
+        match entries(&dir) {
+            Ok(mut found) => {
+                found.sort();
+                let text = format!(
+                    "{} device(s) in {} now; keys on USB are found (and hot-plugged) without it",
+                    found.len(),
+                    dir.display()
+                );
+                self.note(d, false, text);
+                self.devices.extend(found);
+            }
+            Err(e) => {
+                let text = format!(
+                    "cannot list {}: {e}; keys on USB are found without it",
+                    dir.display()
+                );
+                self.note(d, true, text);
+            }
+        }
+        Ok(())
+    }
+
+    /// `EGDUnixSocket(PATH[, MODE[, USER[, GROUP]]])`.
+    fn take_egd_unix(
+        &mut self,
+        d: &Directive,
+        group: impl Fn(&str) -> Option<u32>,
+    ) -> Result<(), ConfError> {
+        self.egd_unix = Some(string(d, 0, "the socket path")?.into());
+        if present(d, 1) {
+            let mode = string(d, 1, "the mode (octal, as a string)")?;
+            if u32::from_str_radix(mode.trim(), 8).map_or(true, |m| m > 0o777) {
+                return Err(arg_error(d, format!("{mode:?} is not an octal mode")));
+            }
+            self.egd_mode = Some(mode.trim().to_string());
+        }
+        if matches!(d.args.get(2), Some(Value::Str(u)) if !u.is_empty()) {
+            self.note(
+                d,
+                true,
+                "the socket's owner is not changed: it is the daemon's user",
+            );
+        }
+        if present(d, 3) {
+            let name = string(d, 3, "the group")?;
+            let gid = name
+                .parse()
+                .ok()
+                .or_else(|| group(&name))
+                .ok_or_else(|| arg_error(d, format!("no group {name:?} on this machine")))?;
+            self.egd_group = Some(gid);
+        }
+        Ok(())
     }
 
     /// Reads and maps the file at `path`.

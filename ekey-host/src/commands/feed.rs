@@ -686,17 +686,7 @@ async fn session<S: EntropySink>(
     let mut commands = Vec::new();
     let mut generations = opts.generations.clone();
     loop {
-        // New VM generations since the last look (by the count, not the
-        // watch's own "seen" mark, which idling moves).
-        let seen = generations.as_ref().map_or(0, |g| *g.borrow());
-        if feeder.note_generations(seen, opts.on_vmgenid) {
-            lock(stats).kernel = feeder.stats().clone();
-            info!(
-                "feed: new VM generation ID (this VM was restored from a snapshot or cloned): \
-                 fetching {} fresh bytes, then reseeding",
-                opts.on_vmgenid
-            );
-        }
+        note_generations(feeder, generations.as_ref(), opts, stats);
         let received = lock(stats).bytes_received;
         let left = match opts.max_bytes {
             Some(max) if received >= max => return End::Done,
@@ -761,6 +751,26 @@ async fn session<S: EntropySink>(
             }
             warn!("feed: RNDADDENTROPY failed: {e}");
         }
+    }
+}
+
+/// Tells `feeder` of new VM generations since the last look (by the
+/// count, not the watch's own "seen" mark, which idling moves), and logs
+/// them.
+fn note_generations(
+    feeder: &mut KernelFeeder,
+    generations: Option<&tokio::sync::watch::Receiver<u64>>,
+    opts: &Options,
+    stats: &Mutex<FeedStats>,
+) {
+    let seen = generations.map_or(0, |g| *g.borrow());
+    if feeder.note_generations(seen, opts.on_vmgenid) {
+        lock(stats).kernel = feeder.stats().clone();
+        info!(
+            "feed: new VM generation ID (this VM was restored from a snapshot or cloned): \
+             fetching {} fresh bytes, then reseeding",
+            opts.on_vmgenid
+        );
     }
 }
 

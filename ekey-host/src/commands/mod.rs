@@ -56,20 +56,9 @@ pub fn main() -> ExitCode {
         .with_target(false)
         .with_max_level(log_level())
         .init();
-    if let Command::Run {
-        keys,
-        outputs,
-        ekeyd_config: Some(file),
-    } = &mut cli.command
-    {
-        let given = matches.subcommand_matches("run");
-        let given = |id: &str| {
-            given.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine)
-        };
-        if let Err(e) = apply_ekeyd_config(file, keys, outputs, given) {
-            eprintln!("ekey-host: --ekeyd-config {}: {e}", file.display());
-            return ExitCode::FAILURE;
-        }
+    if let Err(e) = take_ekeyd_config(&mut cli.command, &matches) {
+        eprintln!("ekey-host: {e}");
+        return ExitCode::FAILURE;
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -81,52 +70,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async {
-        match cli.command {
-            Command::Run { keys, outputs, .. } => {
-                run(keys, *outputs, None).await.map_err(|e| e.to_string())
-            }
-            Command::Status { json, control } => status_command(json, &control).await,
-            Command::List { keyring } => list_command(&keyring).await,
-            Command::Read {
-                count,
-                output,
-                keys,
-                timeout,
-            } => {
-                let outputs = Outputs {
-                    output: output.or_else(|| Some(PathBuf::from("-"))),
-                    limit: Some(count),
-                    ..Outputs::default()
-                };
-                run(keys, outputs, Some(Duration::from_secs(timeout)))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            Command::Test {
-                blocks,
-                keys,
-                timeout,
-            } => {
-                let outputs = Outputs {
-                    test_blocks: Some(blocks),
-                    ..Outputs::default()
-                };
-                let timeout =
-                    timeout.unwrap_or_else(|| blocks.saturating_mul(2).saturating_add(30));
-                run(keys, outputs, Some(Duration::from_secs(timeout)))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            Command::Emulate(args) => emulate(args).await,
-            Command::Feed(args) => crate::commands::feed::main(args).await,
-            Command::Rekey(args) => rekey_command(args).await,
-            Command::Keyring { action, keyring } => keyring_command(action, &keyring).await,
-            Command::Completions { .. }
-            | Command::Man { .. }
-            | Command::MigrateEkeydConfig { .. } => Ok(()),
-        }
-    });
+    let result = rt.block_on(run_command(cli.command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -134,6 +78,25 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `run --ekeyd-config FILE`: the file's settings where the command line
+/// (`matches`) gave none.
+fn take_ekeyd_config(command: &mut Command, matches: &clap::ArgMatches) -> Result<(), String> {
+    let Command::Run {
+        keys,
+        outputs,
+        ekeyd_config: Some(file),
+    } = command
+    else {
+        return Ok(());
+    };
+    let run = matches.subcommand_matches("run");
+    let given = |id: &str| {
+        run.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    apply_ekeyd_config(file, keys, outputs, given)
+        .map_err(|e| format!("--ekeyd-config {}: {e}", file.display()))
 }
 
 /// Takes `file`'s settings (the vendor daemon's configuration) into
@@ -210,5 +173,52 @@ fn offline_command(command: &Command) -> Option<Result<(), String>> {
                 .map_err(|e| format!("{}: {e}", file.display())),
         ),
         _ => None,
+    }
+}
+
+/// Runs a command that needs the runtime.
+async fn run_command(command: Command) -> Result<(), String> {
+    match command {
+        Command::Run { keys, outputs, .. } => {
+            run(keys, *outputs, None).await.map_err(|e| e.to_string())
+        }
+        Command::Status { json, control } => status_command(json, &control).await,
+        Command::List { keyring } => list_command(&keyring).await,
+        Command::Read {
+            count,
+            output,
+            keys,
+            timeout,
+        } => {
+            let outputs = Outputs {
+                output: output.or_else(|| Some(PathBuf::from("-"))),
+                limit: Some(count),
+                ..Outputs::default()
+            };
+            run(keys, outputs, Some(Duration::from_secs(timeout)))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Command::Test {
+            blocks,
+            keys,
+            timeout,
+        } => {
+            let outputs = Outputs {
+                test_blocks: Some(blocks),
+                ..Outputs::default()
+            };
+            let timeout = timeout.unwrap_or_else(|| blocks.saturating_mul(2).saturating_add(30));
+            run(keys, outputs, Some(Duration::from_secs(timeout)))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Command::Emulate(args) => emulate(args).await,
+        Command::Feed(args) => crate::commands::feed::main(args).await,
+        Command::Rekey(args) => rekey_command(args).await,
+        Command::Keyring { action, keyring } => keyring_command(action, &keyring).await,
+        Command::Completions { .. } | Command::Man { .. } | Command::MigrateEkeydConfig { .. } => {
+            Ok(())
+        }
     }
 }

@@ -615,21 +615,10 @@ pub async fn run_with(
     let mut withdrawn = Withdrawals::default();
     let chunk = feeder.config.chunk();
     loop {
-        let seen = generations.as_ref().map_or(0, |g| *g.borrow());
-        if feeder.note_generations(seen, ON_VMGENID_BYTES) {
-            tracing::info!(
-                "kernel: new VM generation ID (this host was restored from a snapshot or \
-                 cloned): mixing in {ON_VMGENID_BYTES} fresh bytes, then reseeding"
-            );
-        }
+        note_generations(&mut feeder, generations.as_ref());
         let want = feeder.wants(Instant::now());
         if want == 0 {
-            if let Some(wake) = feeder.next_wake() {
-                tokio::select! {
-                    () = tokio::time::sleep_until(wake.into()) => {}
-                    () = crate::vmgenid::next(generations.as_mut()) => {}
-                }
-            }
+            idle(&feeder, generations.as_mut()).await;
             continue;
         }
         // Filling: write whatever the key has delivered so far (at least one
@@ -678,6 +667,30 @@ pub async fn run_with(
             }
             tracing::warn!("kernel: RNDADDENTROPY failed: {e}");
         }
+    }
+}
+
+/// Waits until the feeder's next mix is due, or a new VM generation.
+async fn idle(feeder: &KernelFeeder, generations: Option<&mut tokio::sync::watch::Receiver<u64>>) {
+    if let Some(wake) = feeder.next_wake() {
+        tokio::select! {
+            () = tokio::time::sleep_until(wake.into()) => {}
+            () = crate::vmgenid::next(generations) => {}
+        }
+    }
+}
+
+/// Tells `feeder` of new VM generations, and logs them.
+fn note_generations(
+    feeder: &mut KernelFeeder,
+    generations: Option<&tokio::sync::watch::Receiver<u64>>,
+) {
+    let seen = generations.map_or(0, |g| *g.borrow());
+    if feeder.note_generations(seen, ON_VMGENID_BYTES) {
+        tracing::info!(
+            "kernel: new VM generation ID (this host was restored from a snapshot or \
+             cloned): mixing in {ON_VMGENID_BYTES} fresh bytes, then reseeding"
+        );
     }
 }
 

@@ -128,6 +128,40 @@ async fn bind_tls(
     Ok((egd::EgdListener::Tls(l, server.clone()), server))
 }
 
+/// The EGD server's settings from the command line (warning about
+/// allow-lists that no listener uses).
+fn egd_config(o: &Outputs) -> egd::EgdConfig {
+    if o.egd_unix.is_none() && !(o.egd_allow_uid.is_empty() && o.egd_allow_gid.is_empty()) {
+        warn!(
+            "--egd-allow-uid/--egd-allow-gid apply to --egd-unix clients only, and there is no --egd-unix"
+        );
+    }
+    if o.egd_tcp.is_none() && o.egd_tls.is_none() && !o.egd_allow.is_empty() {
+        warn!("--egd-allow applies to --egd-tcp and --egd-tls clients only, and there is neither");
+    }
+    let mut shares = egd::Shares::default();
+    for (kind, weight) in &o.egd_share {
+        match kind.as_str() {
+            "tcp" => shares.tcp = *weight,
+            "tls" => shares.tls = *weight,
+            _ => shares.unix = *weight,
+        }
+    }
+    egd::EgdConfig {
+        admission: egd::Admission {
+            max_clients: o.egd_max_clients as usize,
+            max_per_peer: o.egd_max_per_peer as usize,
+            allow_nets: o.egd_allow.clone(),
+            allow_uids: o.egd_allow_uid.clone(),
+            allow_gids: o.egd_allow_gid.clone(),
+            allow_subjects: o.egd_allow_subject.clone(),
+        },
+        shares,
+        rate_limit: o.egd_rate,
+        ..egd::EgdConfig::default()
+    }
+}
+
 /// Starts the EGD server if asked for.
 pub(crate) async fn start_egd(
     o: &Outputs,
@@ -173,35 +207,7 @@ pub(crate) async fn start_egd(
     if listeners.is_empty() {
         return Ok(EgdStarted::default());
     }
-    if o.egd_unix.is_none() && !(o.egd_allow_uid.is_empty() && o.egd_allow_gid.is_empty()) {
-        warn!(
-            "--egd-allow-uid/--egd-allow-gid apply to --egd-unix clients only, and there is no --egd-unix"
-        );
-    }
-    if o.egd_tcp.is_none() && o.egd_tls.is_none() && !o.egd_allow.is_empty() {
-        warn!("--egd-allow applies to --egd-tcp and --egd-tls clients only, and there is neither");
-    }
-    let mut shares = egd::Shares::default();
-    for (kind, weight) in &o.egd_share {
-        match kind.as_str() {
-            "tcp" => shares.tcp = *weight,
-            "tls" => shares.tls = *weight,
-            _ => shares.unix = *weight,
-        }
-    }
-    let config = egd::EgdConfig {
-        admission: egd::Admission {
-            max_clients: o.egd_max_clients as usize,
-            max_per_peer: o.egd_max_per_peer as usize,
-            allow_nets: o.egd_allow.clone(),
-            allow_uids: o.egd_allow_uid.clone(),
-            allow_gids: o.egd_allow_gid.clone(),
-            allow_subjects: o.egd_allow_subject.clone(),
-        },
-        shares,
-        rate_limit: o.egd_rate,
-        ..egd::EgdConfig::default()
-    };
+    let config = egd_config(o);
     let stats = Arc::new(Mutex::new(egd::EgdStats::default()));
     let (tx, rx) = mpsc::channel::<egd::SourceBlock>(8);
     let st = stats.clone();
