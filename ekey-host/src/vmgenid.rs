@@ -3,16 +3,24 @@
 //! Firecracker and cloud-hypervisor offer the same ACPI device).
 //!
 //! Linux's vmgenid driver (5.18+, `CONFIG_VMGENID`) mixes the new ID into
-//! the kernel's pool and sends a `change` uevent with `NEW_VMGENID=1`. A
-//! clone still shares the rest of its sibling's state, so the feeders react
-//! by fetching fresh bytes from the host at once and reseeding
-//! (`KernelFeeder::fresh_generation`). [`watch`] listens for the uevent on
-//! the kernel's netlink multicast group and counts each one in a
-//! `tokio::sync::watch` channel.
+//! the kernel's pool; once the CRNG is ready it logs `random: crng reseeded
+//! due to virtual machine fork`, and kernels that carry the vmgenid uevent
+//! patch also send a `change` uevent with `NEW_VMGENID=1` (Debian's 6.1
+//! and 6.12 do not: the uevent was reverted). A clone still shares the
+//! rest of its sibling's state, so the feeders react by fetching fresh
+//! bytes from the host at once and reseeding
+//! (`KernelFeeder::fresh_generation`).
 //!
-//! The driver exposes no sysfs file with the ID, so there is nothing to
-//! poll; a kernel without the driver never sends the event, and the watch
-//! then simply never moves.
+//! [`watch`] listens to both: the uevent on the kernel's netlink multicast
+//! group, and the log line in `/dev/kmsg` (readable by root, or with
+//! CAP_SYSLOG where `kernel.dmesg_restrict` is set; records from user
+//! space, which anyone allowed to write `/dev/kmsg` could forge, are not
+//! taken). An ID seen on both within [`SAME_EVENT`] counts once. The
+//! driver exposes no sysfs file with the ID, so there is nothing to poll;
+//! without the driver the watch simply never moves.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -24,13 +32,83 @@ pub fn announces_new_generation(message: &[u8]) -> bool {
     header_ok && fields.any(|f| f == b"NEW_VMGENID=1")
 }
 
-/// Starts listening for new VM generation IDs: the count of those seen so
-/// far goes to the returned receiver. Needs a tokio runtime. Fails (and
-/// nothing is started) where kernel uevents cannot be read.
+/// What the kernel logs when its vmgenid driver sees a new ID.
+pub const FORK_MESSAGE: &str = "crng reseeded due to virtual machine fork";
+
+/// Whether a `/dev/kmsg` record (`PRIO,SEQ,TIME,FLAGS;TEXT`) is the
+/// kernel's own (facility 0: not written from user space) and says the
+/// VM forked.
+pub fn record_announces_fork(record: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(record) else {
+        return false;
+    };
+    let Some((head, message)) = text.split_once(';') else {
+        return false;
+    };
+    let from_kernel = head
+        .split(',')
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|prio| prio >> 3 == 0);
+    from_kernel
+        && message
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains(FORK_MESSAGE))
+}
+
+/// Two sightings closer than this are the same new generation.
+pub const SAME_EVENT: Duration = Duration::from_secs(2);
+
+/// Counts new generations from any source, once per [`SAME_EVENT`].
+#[derive(Clone)]
+struct Counter {
+    tx: Arc<watch::Sender<u64>>,
+    last: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Counter {
+    fn seen(&self) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < SAME_EVENT) {
+            return;
+        }
+        *last = Some(now);
+        self.tx.send_modify(|count| *count += 1);
+    }
+}
+
+/// Starts listening for new VM generation IDs (the uevent and the kernel
+/// log, where each can be read): the count of those seen so far goes to
+/// the returned receiver. Needs a tokio runtime. Fails, saying why, only
+/// if neither can be read.
 pub fn watch() -> std::io::Result<watch::Receiver<u64>> {
     let (tx, rx) = watch::channel(0u64);
-    imp::spawn(tx)?;
-    Ok(rx)
+    let counter = Counter {
+        tx: Arc::new(tx),
+        last: Arc::new(Mutex::new(None)),
+    };
+    let uevents = imp::spawn_uevents(counter.clone());
+    let kmsg = imp::spawn_kmsg(counter);
+    match (uevents, kmsg) {
+        (Err(u), Err(k)) => Err(std::io::Error::new(
+            k.kind(),
+            format!("uevents: {u}; /dev/kmsg: {k}"),
+        )),
+        (Err(e), Ok(())) => {
+            tracing::debug!("VM generation IDs: no uevents ({e}); watching /dev/kmsg");
+            Ok(rx)
+        }
+        (Ok(()), Err(e)) => {
+            tracing::info!(
+                "VM generation IDs: watching uevents only; /dev/kmsg cannot be read ({e}), \
+                 and kernels without the NEW_VMGENID uevent (Debian 6.1, 6.12) tell only there"
+            );
+            Ok(rx)
+        }
+        (Ok(()), Ok(())) => Ok(rx),
+    }
 }
 
 /// Resolves at the next new VM generation; never without a watch, or once
@@ -54,12 +132,11 @@ mod imp {
         AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recvfrom, socket,
     };
     use tokio::io::unix::AsyncFd;
-    use tokio::sync::watch;
 
     /// The kernel's uevent multicast group.
     const KERNEL_GROUP: u32 = 1;
 
-    pub(super) fn spawn(tx: watch::Sender<u64>) -> io::Result<()> {
+    pub(super) fn spawn_uevents(counter: super::Counter) -> io::Result<()> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Datagram,
@@ -72,14 +149,52 @@ mod imp {
         // returning it, for as long as the AsyncFd lives.
         let fd = unsafe { AsyncFd::register(fd) }?;
         tokio::spawn(async move {
-            if let Err(e) = listen(fd, &tx).await {
-                tracing::warn!("VM generation ID watch stopped: {e}");
+            if let Err(e) = listen(fd, &counter).await {
+                tracing::warn!("VM generation ID watch (uevents) stopped: {e}");
             }
         });
         Ok(())
     }
 
-    async fn listen(fd: AsyncFd<OwnedFd>, tx: &watch::Sender<u64>) -> io::Result<()> {
+    /// Follows `/dev/kmsg` from its end (older records are not news).
+    pub(super) fn spawn_kmsg(counter: super::Counter) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .open("/dev/kmsg")?;
+        nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekEnd)?;
+        // SAFETY: as for the netlink socket: the AsyncFd owns the file.
+        let fd = unsafe { AsyncFd::register(OwnedFd::from(file)) }?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            loop {
+                let Ok(mut ready) = fd.readable().await else {
+                    return;
+                };
+                match ready.try_io(|fd| nix::unistd::read(fd, &mut buf).map_err(io::Error::from)) {
+                    Ok(Ok(n)) => {
+                        if super::record_announces_fork(buf.get(..n).unwrap_or_default()) {
+                            counter.seen();
+                        }
+                    }
+                    // Records overwritten before we read them: go on.
+                    Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::EPIPE) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!("VM generation ID watch (/dev/kmsg) stopped: {e}");
+                        return;
+                    }
+                    Err(_would_block) => {}
+                }
+                if counter.tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn listen(fd: AsyncFd<OwnedFd>, counter: &super::Counter) -> io::Result<()> {
         let mut buf = vec![0u8; 8192];
         loop {
             let mut ready = fd.readable().await?;
@@ -98,10 +213,10 @@ mod imp {
             let from_kernel = from.is_some_and(|a| a.pid() == 0);
             let message = buf.get(..n).unwrap_or_default();
             if from_kernel && super::announces_new_generation(message) {
-                tx.send_modify(|count| *count += 1);
-                if tx.is_closed() {
-                    return Ok(());
-                }
+                counter.seen();
+            }
+            if counter.tx.is_closed() {
+                return Ok(());
             }
         }
     }
@@ -109,11 +224,19 @@ mod imp {
 
 #[cfg(not(target_os = "linux"))]
 mod imp {
-    pub(super) fn spawn(_tx: tokio::sync::watch::Sender<u64>) -> std::io::Result<()> {
+    fn unsupported() -> std::io::Result<()> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             "VM generation IDs are watched on Linux only",
         ))
+    }
+
+    pub(super) fn spawn_uevents(_: super::Counter) -> std::io::Result<()> {
+        unsupported()
+    }
+
+    pub(super) fn spawn_kmsg(_: super::Counter) -> std::io::Result<()> {
+        unsupported()
     }
 }
 
@@ -140,6 +263,43 @@ mod tests {
         // udev's re-broadcasts (group 2) start "libudev": not listened to,
         // and not taken either.
         assert!(!announces_new_generation(b"libudev\0\xfe\xed\xca\xfe"));
+    }
+
+    #[test]
+    fn only_the_kernels_fork_record_counts() {
+        assert!(record_announces_fork(
+            b"6,1893,52071443,-;random: crng reseeded due to virtual machine fork\n"
+        ));
+        // The same text written from user space (facility user: 8 and up).
+        assert!(!record_announces_fork(
+            b"14,1894,52071500,-;random: crng reseeded due to virtual machine fork\n"
+        ));
+        assert!(!record_announces_fork(
+            b"6,1895,52071600,-;random: crng init done\n"
+        ));
+        // Continuation lines (" KEY=VALUE") are not the message.
+        assert!(!record_announces_fork(
+            b"6,1896,1,-;usb 1-1: new device\n SUBSYSTEM=crng reseeded due to virtual machine fork\n"
+        ));
+        assert!(!record_announces_fork(b"garbage"));
+        assert!(!record_announces_fork(
+            b"x,1,1,-;crng reseeded due to virtual machine fork"
+        ));
+    }
+
+    #[test]
+    fn a_generation_seen_twice_at_once_counts_once() {
+        let (tx, rx) = watch::channel(0);
+        let c = Counter {
+            tx: Arc::new(tx),
+            last: Arc::new(Mutex::new(None)),
+        };
+        c.seen();
+        c.seen();
+        assert_eq!(*rx.borrow(), 1);
+        *c.last.lock().unwrap() = Some(Instant::now() - SAME_EVENT);
+        c.seen();
+        assert_eq!(*rx.borrow(), 2);
     }
 
     #[tokio::test(flavor = "current_thread")]

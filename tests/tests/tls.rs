@@ -59,7 +59,7 @@ fn s(p: &Path) -> &str {
 
 /// `ekey-host feed --egd tls://ADDR` with a client's files, discarding
 /// what it gets; its log in `log`.
-fn feed(addr: &str, ca: &Path, client: &(PathBuf, PathBuf), extra: &[&str], log: &Path) -> Child {
+fn feed(addr: &str, ca: &Path, client: &(PathBuf, PathBuf), extra: &[&str], log: &Path) -> Kid {
     Command::new(ekey_host())
         .args(["feed", "--egd", &format!("tls://{addr}"), "--test-discard"])
         .args([
@@ -77,13 +77,24 @@ fn feed(addr: &str, ca: &Path, client: &(PathBuf, PathBuf), extra: &[&str], log:
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
         .spawn()
+        .map(Kid)
         .expect("start ekey-host feed")
 }
 
-fn wait_exit(child: &mut Child, secs: u64) -> Option<std::process::ExitStatus> {
+/// A `feed` process, killed on drop (so a failed assertion leaves none).
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_exit(kid: &mut Kid, secs: u64) -> Option<std::process::ExitStatus> {
     let mut status = None;
     wait_for(secs, || {
-        status = child.try_wait().unwrap();
+        status = kid.0.try_wait().unwrap();
         status.is_some()
     });
     status
@@ -176,7 +187,7 @@ fn feed_over_tls_is_served_strangers_are_refused_and_sighup_swaps_the_certificat
 
     // One with a certificate of another CA gets nothing; the daemon counts it.
     let stranger = issue(&dir, &ca2, "stranger", false, 0o600);
-    let mut two = feed(&addr, &ca1_path, &stranger, &[], &dir.path("two.log"));
+    let two = feed(&addr, &ca1_path, &stranger, &[], &dir.path("two.log"));
     assert!(
         wait_for(15, || daemon.status()["egd"]["tls_handshake_failures"]
             .as_u64()
@@ -184,8 +195,7 @@ fn feed_over_tls_is_served_strangers_are_refused_and_sighup_swaps_the_certificat
         "{}",
         daemon.status()
     );
-    let _ = two.kill();
-    let _ = two.wait();
+    drop(two);
     let egd = &daemon.status()["egd"];
     assert!(
         egd["tls_last_failure"]
@@ -257,11 +267,10 @@ fn feed_over_tls_is_served_strangers_are_refused_and_sighup_swaps_the_certificat
     );
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        four.try_wait().unwrap().is_none(),
+        four.0.try_wait().unwrap().is_none(),
         "the old CA's feeder was served"
     );
-    let _ = four.kill();
-    let _ = four.wait();
+    drop(four);
     let four_log = std::fs::read_to_string(dir.path("four.log")).unwrap();
     assert!(four_log.contains("cannot connect"), "{four_log}");
     // The feeder connected before the reload is still the same client.
@@ -274,8 +283,7 @@ fn feed_over_tls_is_served_strangers_are_refused_and_sighup_swaps_the_certificat
             .any(|c| c["id"] == client["id"]),
         "{clients}"
     );
-    assert!(stay.try_wait().unwrap().is_none());
-    let _ = stay.kill();
-    let _ = stay.wait();
+    assert!(stay.0.try_wait().unwrap().is_none());
+    drop(stay);
     assert!(daemon.terminate());
 }

@@ -447,6 +447,121 @@ def usb_rekey():
     return c
 
 
+# ---- vmgenid: feed answers a new VM generation ID at once ----
+def vmgenid():
+    """run's vmgenid_guest (vmgenid-host.py): a guest with -device vmgenid
+    runs `feed` against the daemon's EGD TCP port (through QEMU's guestfwd:
+    each QEMU is one client of the daemon); its state is saved and restored
+    into a new QEMU with another guid, twice; the daemon's status shows what
+    the feed fetched."""
+    limit = 2.0
+    c = Check("vmgenid", "a guest's `ekey-host feed` (QEMU -device vmgenid, the kernel's "
+              "CONFIG_VMGENID driver) fetches fresh bytes from the host's EGD server within "
+              f"{limit:.0f} s of each new VM generation ID (its state restored into a QEMU with "
+              "another guid, as at a snapshot restore), and reseeds")
+    c.logs += ["vmgenid.infra", "vmgenid.host.log", "vmgenid/vmgenid.feed.log",
+               "vmgenid/vmgenid.uevents", "vmgenid/vmgenid.net", "../vmgenid.console.log"]
+    infra = text("vmgenid.infra")
+    if infra:
+        c.ok(False, "infrastructure: " + infra.replace("\n", "; "))
+    dev = dict(l.split("=", 1) for l in (text("vmgenid/vmgenid.device") or "").splitlines() if "=" in l)
+    c.ok(dev.get("device", "").endswith("/QEMUVGID:00") and dev.get("driver") == "vmgenid",
+         f"the guest kernel has the ACPI device {dev.get('device') or '(none)'}, "
+         f"bound to driver {dev.get('driver') or '(none)'}")
+    host = load_json("vmgenid.host.json") or {}
+    quiet, want, times = host.get("quiet_s", 2.0), host.get("bytes", 0), host.get("times")
+    polls = [json.loads(l) for l in (read("vmgenid.polls.jsonl", "r") or "").splitlines() if l.strip()]
+    ready, restores = host.get("ready") or {}, host.get("restores") or []
+    qemus = host.get("qemus") or []
+    c.ok(host.get("error") is None and ready.get("client") is not None,
+         f"the feed's client {ready.get('client')} was idle after its initial fill at "
+         f"{ready.get('served')} bytes served" +
+         (f"; the host side: {host.get('error')}" if host.get("error") else ""))
+    guids = [q.get("guid") for q in qemus]
+    c.ok(len(restores) == times and len(set(guids)) == len(guids) and
+         all(r.get("saved") == "completed" and r.get("restored") == "completed" and
+             r.get("guest_guid") == r.get("guid") and r.get("t_resumed") for r in restores),
+         f"{len(restores)} restores (want {times}): the state saved and restored each time "
+         f"({[r.get('state_bytes') for r in restores]} bytes), into QEMUs with the guids "
+         f"{guids[1:]} (query-vm-generation-id: {[r.get('guest_guid') for r in restores]}), "
+         f"after {guids[:1]}")
+
+    # The guest kernel's side: its vmgenid driver took each new ID (random.c
+    # logs the reseed), and the uevent or log line feed watches.
+    dmesg = read("vmgenid/dmesg.txt", "r") or ""
+    forks = dmesg.count("crng reseeded due to virtual machine fork")
+    c.ok(forks == len(restores),
+         f"the guest kernel took {forks} new generation IDs (want {len(restores)}): its log says "
+         "'random: crng reseeded due to virtual machine fork' each time")
+    uevents = (read("vmgenid/vmgenid.uevents", "r") or "").splitlines()
+    announced = [u for u in uevents if "NEW_VMGENID=1" in u]
+    # Two ways to learn of it: the uevent (kernels with commit ad6bcdad2b67,
+    # 'vmgenid: emit uevent when VMGENID updates', reverted in April 2024)
+    # or the kernel log line in /dev/kmsg. Either will do; which one this
+    # kernel offers is shown.
+    c.ok(len(announced) in (0, len(restores)),
+         f"the kernel sent {len(announced)} uevents with NEW_VMGENID=1 (0 or {len(restores)}; "
+         f"feed then reads the kernel log instead); every kernel uevent during the step "
+         f"(SEQNUM ACTION DEVPATH): {uevents or '(none)'}")
+
+    def served(p, client):
+        got = [cl.get("bytes_served") for cl in p.get("clients") or [] if cl.get("id") == client]
+        return got[0] if got else None
+
+    for r in restores:
+        n, t_stop, t_res = r.get("n"), r.get("t_stop") or 0, r.get("t_resumed") or 0
+        window = [served(p, r.get("from_client")) for p in polls
+                  if p["t0"] >= t_stop - quiet and p["t1"] <= t_stop]
+        c.ok(len(window) >= 5 and set(window) == {r.get("base")},
+             f"restore {n}: none served in the {quiet:g} s before the guest was stopped "
+             f"({len(window)} polls, client {r.get('from_client')}: bytes_served "
+             f"{sorted(set(window), key=str)}, want {r.get('base')})")
+        new = r.get("new_clients") or []
+        after = [(p["t1"] - t_res, cl.get("bytes_served") or 0) for p in polls if p["t0"] >= t_res
+                 for cl in p.get("clients") or [] if cl.get("id") in new]
+        hit = next(((dt, v) for dt, v in after if v >= want), None)
+        c.ok(hit is not None and hit[0] <= limit,
+             f"restore {n}: the new QEMU's client {new} was served {hit[1] if hit else 'nothing'} "
+             f"(want {want}) " + (f"{hit[0]:.2f} s after the guest resumed" if hit else
+                                  f"in the {max((dt for dt, _ in after), default=0):.1f} s watched")
+             + f" (limit {limit:g} s; polls every {host.get('poll_s')} s)")
+    most = {}
+    for p in polls:
+        for cl in p.get("clients") or []:
+            most[cl.get("id")] = max(most.get(cl.get("id"), 0), cl.get("bytes_served") or 0)
+    total = sum(most.values())
+    if ready.get("served") is not None:
+        c.ok(total - ready["served"] == want * len(restores),
+             f"after the fill the daemon served {total - ready['served']} bytes to the guest's "
+             f"QEMUs (clients {sorted(most, key=str)}) (want {len(restores)} x {want}: the fresh "
+             "bytes, nothing more)")
+
+    log = read("vmgenid/vmgenid.feed.log", "r") or ""
+    lines = log.splitlines()
+    events = [l for l in lines if "feed: new VM generation ID" in l]
+    c.ok(len(events) == len(restores) and
+         all(f"fetching {want} fresh bytes, then reseeding" in l for l in events),
+         f"feed logged the event {len(events)} times (want {len(restores)}): "
+         + (events[0].split("  ", 1)[-1] if events else "(never)"))
+    con = [l.split("feed: ", 1)[-1] for l in lines if "feed: connected to" in l]
+    c.note(f"feed: {'; '.join(con) or 'never connected'}")
+    stops = [l for l in lines if "feed: stopped:" in l]
+    m = re.search(r"(\d+) reseeds \((\d+) failed\), (\d+) new VM generations; (\d+) bytes "
+                  r"received, (\d+) connections, (\d+) lost", stops[-1] if stops else "")
+    got = [int(x) for x in m.groups()] if m else None
+    c.ok(got is not None and got[2] == len(restores) and got[0] == len(restores) and got[1] == 0,
+         f"its summary: {got[2] if got else '?'} new VM generations, {got[0] if got else '?'} "
+         f"reseeds ({got[1] if got else '?'} failed) (want {len(restores)} each: the fill never "
+         "reseeds and no hourly mix came due, so each reseed followed a new generation)")
+    c.ok(got is not None and got[4] == 1 and got[5] == 0 and got[3] == total,
+         f"one connection ({got[4] if got else '?'}, {got[5] if got else '?'} lost: it lived "
+         f"through the restores); {got[3] if got else '?'} bytes received, {total} served by "
+         "the daemon")
+    rc = text("vmgenid/vmgenid.feed.rc")
+    c.ok(rc == "0", f"feed exited {rc} on SIGTERM")
+    return c
+
+
 def main():
     checks = [
         usb_read("hs", "usb-highspeed", 480, 512),
@@ -459,6 +574,7 @@ def main():
         hotplug("nu", "hotplug-no-udev", "the same with no udev events: the daemon's 5 s USB "
                 "rescan finds the key", 15, "rescan"),
         usb_rekey(),
+        vmgenid(),
     ]
     if INFRA:
         for c in checks:

@@ -24,9 +24,11 @@ EKEY=/bin/ekey-host
 KEYRING=/etc/keyring      # the demo key's serial and long-term key
 RATE=8000                 # software key rate (bytes/s): twice a real key's (~86 frames/s, <4 kB/s)
 ONLY=""                   # run only these steps (vmonly=hs,tty,hp,nu,rk,fs,egd; debugging;
-                          # tls and tls-refused run only when named: the egd-tls guests')
+                          # tls, tls-refused and vmgenid run only when named: the short guests')
+VMEGD="" VMGENS=2 VMGENBYTES=192   # vmgenid: the EGD server, the generation changes to expect, feed's bytes for each
 for a in $(cat /proc/cmdline); do
-  case $a in vmrate=*) RATE=${a#vmrate=};; vmonly=*) ONLY=${a#vmonly=};; vmlog=*) export EKEY_LOG=${a#vmlog=};; esac
+  case $a in vmrate=*) RATE=${a#vmrate=};; vmonly=*) ONLY=${a#vmonly=};; vmlog=*) export EKEY_LOG=${a#vmlog=};;
+             vmegd=*) VMEGD=${a#vmegd=};; vmgens=*) VMGENS=${a#vmgens=};; vmgenbytes=*) VMGENBYTES=${a#vmgenbytes=};; esac
 done
 step() { [ -z "$ONLY" ] || echo ",$ONLY," | grep -q ",$1,"; }
 named() { echo ",$ONLY," | grep -q ",$1,"; }   # steps only for guests that ask for them
@@ -293,6 +295,63 @@ fi
 if named tls-refused; then
 say "egd-tls (a certificate of another CA)"
 hwrng_read tls-refused 10
+fi
+
+# ---- vmgenid: a new VM generation ID makes feed fetch fresh bytes at once ----
+# In a guest of its own (vmonly=vmgenid) with -device vmgenid and user
+# networking: `ekey-host feed` reads the CI machine's daemon (vmegd=: QEMU's
+# guestfwd to the daemon's EGD port), discarding the bytes (--test-discard:
+# the emulator's bytes are not credited to this kernel), idle once it has
+# its initial fill (--interval 1h). tests/vm/run (vmgenid-host.py) sees it
+# idle at the daemon, saves this guest's state and restores it into a new
+# QEMU with another guid, vmgens= times; each time the kernel's vmgenid
+# driver takes the new ID (add_vmfork_randomness: "crng reseeded due to
+# virtual machine fork" in the kernel log) and may send a NEW_VMGENID=1
+# uevent, on which feed fetches vmgenbytes= bytes. Here: wait until the
+# kernel has logged as many new IDs, then 3 s (the runner watches the daemon
+# meanwhile), SIGUSR1 (a summary), SIGTERM. /r/vmgenid.device: the ACPI
+# device and its driver; /r/vmgenid.uevents: every kernel uevent meanwhile
+# (busybox uevent: SEQNUM ACTION DEVPATH [NEW_VMGENID=...]).
+if named vmgenid; then
+say "vmgenid"
+V=/sys/bus/acpi/devices/QEMUVGID:00
+{ echo "device=$(ls -d $V 2>/dev/null)"
+  echo "driver=$(basename "$(readlink $V/driver)" 2>/dev/null)"
+  echo "status=$(cat $V/status 2>/dev/null)"
+} > /r/vmgenid.device
+for m in failover net_failover virtio_net; do insmod $M/$m.ko || say "insmod $m FAILED"; done
+wait_for 10 test -e /sys/class/net/eth0 || say "vmgenid: no eth0"
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || say "vmgenid: eth0 not configured"
+ip addr show eth0 > /r/vmgenid.net 2>&1
+# A running system's CRNG is initialised; only then does the kernel reseed
+# it (and say so) on a new VM generation ID. Nothing here has asked for
+# random bytes yet: a blocking read makes the kernel gather jitter entropy.
+t0=$(up)
+timeout 30 head -c 1 /dev/random > /dev/null || say "vmgenid: /dev/random did not become ready"
+say "vmgenid: the kernel's CRNG is ready ($(echo "$(up) - $t0" | bc) s)"
+uevent sh -c 'echo "$SEQNUM $ACTION $DEVPATH${NEW_VMGENID+ NEW_VMGENID=$NEW_VMGENID}"' \
+  > /r/vmgenid.uevents 2>&1 &
+UEVENTS=$!
+$EKEY feed --egd "$VMEGD" --test-discard --interval 1h --bytes-per-interval 64 \
+  --on-vmgenid-bytes $VMGENBYTES --status-interval 0 --retry-max 2s 2> /r/vmgenid.feed.log &
+FEED=$!
+forks() { dmesg | grep -c "crng reseeded due to virtual machine fork"; }
+all_forks() { [ "$(forks)" -ge $VMGENS ]; }
+events() { grep -c "new VM generation ID" /r/vmgenid.feed.log; }
+if wait_for 30 grep -q "mixing in" /r/vmgenid.feed.log; then
+  say "vmgenid: feed ready (filled, topping up hourly); waiting for $VMGENS new generation IDs"
+  wait_for 40 all_forks
+else
+  say "vmgenid: feed did not fill"
+fi
+sleep 3
+say "vmgenid: the kernel took $(forks) new VM generation IDs; feed saw $(events)"
+kill -USR1 $FEED; sleep 0.3
+kill -TERM $FEED; wait $FEED; echo $? > /r/vmgenid.feed.rc
+kill $UEVENTS; wait $UEVENTS 2>/dev/null
+show vmgenid.feed.log 6
+show vmgenid.uevents 6
 fi
 
 # ---- hand the results to the runner ----
