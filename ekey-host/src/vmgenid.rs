@@ -11,7 +11,7 @@
 //! bytes from the host at once and reseeding
 //! (`KernelFeeder::fresh_generation`).
 //!
-//! [`watch`] listens to both: the uevent on the kernel's netlink multicast
+//! [`watch()`] listens to both: the uevent on the kernel's netlink multicast
 //! group, and the log line in `/dev/kmsg` (readable by root, or with
 //! CAP_SYSLOG where `kernel.dmesg_restrict` is set; records from user
 //! space, which anyone allowed to write `/dev/kmsg` could forge, are not
