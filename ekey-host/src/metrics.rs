@@ -96,6 +96,13 @@ fn add(f: &Family<Labels, Counter>, l: &Labels, v: u64) {
     f.get_or_create(l).inc_by(v);
 }
 
+/// One series of `f` per `(value, count)`, labelled `label="value"`.
+fn add_each(f: &Family<Labels, Counter>, label: &str, counts: &[(&str, u64)]) {
+    for &(value, n) in counts {
+        add(f, &vec![(label.into(), value.into())], n);
+    }
+}
+
 fn fset(f: &Family<Labels, Gauge<f64, AtomicU64>>, l: &Labels, v: f64) {
     f.get_or_create(l).set(v);
 }
@@ -363,9 +370,11 @@ fn kernel_metrics(
     };
     add(&uncredited, &Vec::new(), none);
     add(&failures, &Vec::new(), k.ioctl_failures);
-    for (outcome, n) in [("done", k.reseeds), ("failed", k.reseed_failures)] {
-        add(&reseeds, &vec![("outcome".into(), outcome.into())], n);
-    }
+    add_each(
+        &reseeds,
+        "outcome",
+        &[("done", k.reseeds), ("failed", k.reseed_failures)],
+    );
     let generations = m.counter(
         "kernel_new_vm_generations",
         "New VM generation IDs seen (a restored snapshot or a clone), each answered with fresh bytes and a reseed",
@@ -390,13 +399,15 @@ fn egd_metrics(m: &mut Metrics<'_>, e: &EgdStats, out_bytes: &Family<Labels, Cou
         "egd_refused_connections",
         "EGD connections closed at once, by reason (not_allowed: allow-lists; peer_cap: --egd-max-per-peer; full: no slot, none reclaimable)",
     );
-    for (reason, n) in [
-        ("not_allowed", e.refused_not_allowed),
-        ("peer_cap", e.refused_peer_cap),
-        ("full", e.rejected_clients),
-    ] {
-        add(&refused, &vec![("reason".into(), reason.into())], n);
-    }
+    add_each(
+        &refused,
+        "reason",
+        &[
+            ("not_allowed", e.refused_not_allowed),
+            ("peer_cap", e.refused_peer_cap),
+            ("full", e.rejected_clients),
+        ],
+    );
     let reclaimed = m.counter(
         "egd_reclaimed_slots",
         "Idle EGD connections closed to make room for another peer",
@@ -407,12 +418,14 @@ fn egd_metrics(m: &mut Metrics<'_>, e: &EgdStats, out_bytes: &Family<Labels, Cou
             "egd_tls_failed_handshakes",
             "TLS connections closed before any entropy byte because their handshake failed (error: no or bad certificate, not TLS, ...; timeout)",
         );
-        for (reason, n) in [
-            ("error", e.tls_handshake_failures),
-            ("timeout", e.tls_handshake_timeouts),
-        ] {
-            add(&failed, &vec![("reason".into(), reason.into())], n);
-        }
+        add_each(
+            &failed,
+            "reason",
+            &[
+                ("error", e.tls_handshake_failures),
+                ("timeout", e.tls_handshake_timeouts),
+            ],
+        );
     }
     let pool = m.gauge("egd_pool_bytes", "Bytes in the EGD pool now");
     let reserved = m.gauge(

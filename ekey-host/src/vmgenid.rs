@@ -111,6 +111,14 @@ pub fn watch() -> std::io::Result<watch::Receiver<u64>> {
     }
 }
 
+/// [`watch()`] for `who` (`feed`, `kernel`): `None`, with a warning
+/// saying why, where neither source can be read.
+pub fn watch_or_say(who: &str) -> Option<watch::Receiver<u64>> {
+    watch()
+        .map_err(|e| tracing::warn!("{who}: not watching for new VM generation IDs: {e}"))
+        .ok()
+}
+
 /// Resolves at the next new VM generation; never without a watch, or once
 /// its sender is gone.
 pub async fn next(generations: Option<&mut watch::Receiver<u64>>) {

@@ -512,10 +512,7 @@ pub async fn main(args: FeedArgs) -> Result<(), String> {
 async fn drive<S: EntropySink>(args: &FeedArgs, opts: &Options, mut sink: S) -> Result<(), String> {
     let mut opts = opts.clone();
     if opts.on_vmgenid > 0 {
-        match crate::vmgenid::watch() {
-            Ok(generations) => opts.generations = Some(generations),
-            Err(e) => warn!("feed: not watching for new VM generation IDs: {e}"),
-        }
+        opts.generations = crate::vmgenid::watch_or_say("feed");
     }
     let opts = &opts;
     let watch = |kind: SignalKind, name: &str| {

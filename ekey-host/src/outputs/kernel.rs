@@ -64,14 +64,6 @@ use crate::keys::driver::GateCloses;
 /// out to be a restored snapshot or a clone.
 pub const ON_VMGENID_BYTES: usize = 64;
 
-/// The VM generation watch for the kernel output, or `None` (logged) where
-/// uevents cannot be read.
-pub fn watch_generations() -> Option<tokio::sync::watch::Receiver<u64>> {
-    crate::vmgenid::watch()
-        .map_err(|e| tracing::warn!("kernel: not watching for new VM generation IDs: {e}"))
-        .ok()
-}
-
 /// Largest number of bytes passed to the kernel in one ioctl.
 pub const MAX_CHUNK: usize = 512;
 
@@ -526,7 +518,7 @@ pub async fn run(
     closes: GateCloses,
 ) -> io::Result<()> {
     let sink = RandomDevice::open()?;
-    let generations = watch_generations();
+    let generations = crate::vmgenid::watch_or_say("kernel");
     run_with(config, source, stats, sink, closes, generations).await
 }
 

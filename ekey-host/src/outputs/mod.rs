@@ -248,7 +248,7 @@ pub(crate) fn start_kernel(
     let stats = Arc::new(Mutex::new(kernel::KernelStats::default()));
     let (tx, rx) = mpsc::channel::<kernel::KeyBlock>(8);
     let st = stats.clone();
-    let generations = kernel::watch_generations();
+    let generations = crate::vmgenid::watch_or_say("kernel");
     if bits == 0 {
         info!("feeding the kernel without credit (--kernel=0)");
     } else {
