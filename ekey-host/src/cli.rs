@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::daemon::control;
 use crate::keyring::{self};
+#[cfg(unix)]
 use crate::keys::soft::{self, DEMO_SERIAL};
 use clap::{Args, Parser, Subcommand};
 use ekey_proto::health::{GateConfig, Limits};
@@ -144,6 +145,7 @@ pub(crate) enum Command {
     },
     /// Expose a software key to other programs, on a pty, a Unix socket or
     /// an existing tty (a USB gadget's port).
+    #[cfg(unix)]
     Emulate(EmulateArgs),
     /// Run the health tests (FIPS 140-2, continuous, SP 800-90B) on fresh
     /// output of the keys and print a report; exit status 0 if every key
@@ -166,6 +168,7 @@ pub(crate) enum Command {
     },
     /// Keep this machine's kernel fed from an EGD server (a guest without
     /// virtio-rng, fed by the host's `run --egd-tcp`).
+    #[cfg(unix)]
     Feed(crate::commands::feed::FeedArgs),
     /// Set a key's long-term key with the master key printed on its card,
     /// and store it in the keyring.
@@ -282,13 +285,13 @@ pub(crate) struct Outputs {
     /// Once the kernel's generator is ready: mix in 64 bytes this often
     /// (e.g. 10s, 500ms, 2m; a bare number is seconds). Before that, the
     /// key's full rate goes to the kernel.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::commands::feed::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) kernel_interval: Duration,
     /// Once the kernel's generator is ready: after a mixing write, have it
     /// reseed from its input pool at once (RNDRESEEDCRNG) instead of at its
     /// next scheduled reseed (up to 60 s later), at most this often; 0 for
     /// never.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::commands::feed::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) kernel_reseed_interval: Duration,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics; `PORT` alone
     /// binds 127.0.0.1.
@@ -349,6 +352,7 @@ pub(crate) struct RekeyArgs {
 }
 
 #[derive(Args)]
+#[cfg(unix)]
 pub(crate) struct EmulateArgs {
     /// Create a pseudo-terminal and print its path.
     #[arg(long, conflicts_with_all = ["unix", "tty"])]
@@ -443,6 +447,29 @@ pub(crate) fn parse_share(s: &str) -> Result<(String, u32), String> {
         })?;
     Ok((kind.to_string(), weight))
 }
+
+/// Parses a duration: a whole number with a unit `ms`, `s`, `m` or `h`
+/// (`10s`, `500ms`, `2m`); a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || format!("{s:?}: expected a duration such as 10s, 500ms, 2m or 1h");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let d = match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" | "min" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => return Err(bad()),
+    };
+    // Longer than a year is a typo, and would overflow the clock.
+    d.filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| format!("{s:?}: too long (a year at most)"))
+}
+
+/// The longest duration [`parse_duration`] accepts: a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {

@@ -567,6 +567,12 @@ fn list_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+#[cfg(not(unix))]
+fn group_id(_: &str) -> Option<u32> {
+    None
+}
+
+#[cfg(unix)]
 fn group_id(name: &str) -> Option<u32> {
     nix::unistd::Group::from_name(name)
         .ok()

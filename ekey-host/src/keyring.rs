@@ -37,9 +37,8 @@
 use core::fmt;
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -307,9 +306,7 @@ impl Keyring {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
             _ => PathBuf::from("."),
         };
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
+        crate::private::dir_builder()
             .create(&dir)
             .map_err(|e| context(e, "cannot create directory", &dir))?;
 
@@ -506,10 +503,8 @@ fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> io::Result<(PathBuf, File)
         tmp_name.push(name);
         tmp_name.push(format!(".tmp.{pid}.{n}"));
         let tmp_path = dir.join(tmp_name);
-        match OpenOptions::new()
-            .write(true)
+        match crate::private::write_options()
             .create_new(true)
-            .mode(0o600)
             .open(&tmp_path)
         {
             Ok(file) => return Ok((tmp_path, file)),
@@ -526,7 +521,7 @@ fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> io::Result<(PathBuf, File)
 /// Writes `text` to `file`, makes it mode 0600 whatever the umask, and
 /// flushes it to disk.
 fn write_and_sync(mut file: File, text: &str, path: &Path) -> io::Result<()> {
-    file.set_permissions(fs::Permissions::from_mode(0o600))
+    crate::private::set_private(&file)
         .and_then(|()| file.write_all(text.as_bytes()))
         .and_then(|()| file.sync_all())
         .map_err(|e| context(e, "cannot write", path))
@@ -543,7 +538,9 @@ fn context(e: io::Error, doing: &str, path: &Path) -> io::Error {
 /// (`mode & 0o077 != 0`), `None` if not. Follows symbolic links. Errors
 /// (such as a missing file) are those of reading the file's metadata.
 pub fn check_permissions(path: &Path) -> io::Result<Option<String>> {
-    let mode = fs::metadata(path)?.permissions().mode() & 0o7777;
+    let Some(mode) = crate::private::mode(&fs::metadata(path)?) else {
+        return Ok(None);
+    };
     if mode & 0o077 == 0 {
         return Ok(None);
     }
@@ -791,6 +788,7 @@ impl std::error::Error for KeyringError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const SERIAL: &str = "NwBvBlg3OTBJORFD";
 

@@ -37,8 +37,12 @@ pub mod ekeyd_conf;
 pub mod keyring;
 pub mod keys;
 pub mod metrics;
+#[cfg(not(unix))]
+pub mod nounix;
 pub mod outputs;
+pub mod private;
 pub mod rng;
+pub mod signals;
 pub mod status;
 #[cfg(feature = "tls")]
 pub mod tls;

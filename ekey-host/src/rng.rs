@@ -33,8 +33,6 @@ use ekey_proto::health::{Gate, GateConfig};
 use ekey_proto::keys::{LongTermKey, Serial};
 use ekey_proto::rng::EntropyKeyRng;
 use ekey_proto::time::Instant;
-use nusb::MaybeFuture;
-use nusb::transfer::{Bulk, In, Out};
 
 use crate::keyring::Keyring;
 use crate::keys::usb;
@@ -150,6 +148,18 @@ pub fn open_from_args(mut args: impl Iterator<Item = String>) -> Result<KeyRng, 
     open(device.as_deref().map(Path::new), Path::new(&keyring))
 }
 
+#[cfg(not(unix))]
+fn open_path(path: &Path) -> Result<BlockingLink, OpenError> {
+    Err(OpenError::Device {
+        what: path.display().to_string(),
+        source: io::Error::new(
+            io::ErrorKind::Unsupported,
+            "ttys and Unix sockets are Unix only; here keys come over USB",
+        ),
+    })
+}
+
+#[cfg(unix)]
 fn open_path(path: &Path) -> Result<BlockingLink, OpenError> {
     let at = |source: io::Error| OpenError::Device {
         what: path.display().to_string(),
@@ -184,27 +194,6 @@ fn open_path(path: &Path) -> Result<BlockingLink, OpenError> {
     })
 }
 
-/// A USB key's data interface as one blocking reader and writer.
-struct UsbLink {
-    reader: nusb::io::EndpointRead<Bulk>,
-    writer: nusb::io::EndpointWrite<Bulk>,
-}
-
-impl Read for UsbLink {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.reader.read(buf)
-    }
-}
-
-impl Write for UsbLink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.writer.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.writer.flush()
-    }
-}
-
 fn open_usb() -> Result<BlockingLink, OpenError> {
     let on = |what: String| move |source: io::Error| OpenError::Device { what, source };
     let keys = usb::list_blocking().map_err(on("USB".into()))?;
@@ -214,28 +203,9 @@ fn open_usb() -> Result<BlockingLink, OpenError> {
         _ => return Err(OpenError::SeveralKeys),
     };
     let what = usb::describe(info);
-    let dev = info.open().wait().map_err(|e| on(what.clone())(e.into()))?;
-    let data = usb::find_data_interface(&dev).map_err(on(what.clone()))?;
-    let intf = dev
-        .detach_and_claim_interface(data.interface)
-        .wait()
-        .map_err(|e| on(what.clone())(e.into()))?;
-    let ep_in = intf
-        .endpoint::<Bulk, In>(data.ep_in)
-        .map_err(|e| on(what.clone())(e.into()))?;
-    let ep_out = intf
-        .endpoint::<Bulk, Out>(data.ep_out)
-        .map_err(|e| on(what.clone())(e.into()))?;
-    let mps = ep_in.max_packet_size().max(64);
-    let reader = ep_in
-        .reader(mps)
-        .with_num_transfers(8)
-        .with_read_timeout(POLL);
-    let writer = ep_out
-        .writer(512)
-        .with_write_timeout(Duration::from_secs(5));
+    let link = usb::open_blocking(info, POLL).map_err(on(what))?;
     Ok(BlockingLink {
-        inner: Box::new(UsbLink { reader, writer }),
+        inner: Box::new(link),
         zero_is_timeout: false,
     })
 }

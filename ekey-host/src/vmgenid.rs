@@ -62,11 +62,13 @@ pub const SAME_EVENT: Duration = Duration::from_secs(2);
 
 /// Counts new generations from any source, once per [`SAME_EVENT`].
 #[derive(Clone)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct Counter {
     tx: Arc<watch::Sender<u64>>,
     last: Arc<Mutex<Option<Instant>>>,
 }
 
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 impl Counter {
     fn seen(&self) {
         let now = Instant::now();

@@ -289,28 +289,7 @@ fn host_port(s: &str) -> Result<(), &'static str> {
     }
 }
 
-/// Parses a duration: a whole number with a unit `ms`, `s`, `m` or `h`
-/// (`10s`, `500ms`, `2m`); a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let bad = || format!("{s:?}: expected a duration such as 10s, 500ms, 2m or 1h");
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let d = match unit.trim() {
-        "ms" => Some(Duration::from_millis(n)),
-        "" | "s" => Some(Duration::from_secs(n)),
-        "m" | "min" => n.checked_mul(60).map(Duration::from_secs),
-        "h" => n.checked_mul(3600).map(Duration::from_secs),
-        _ => return Err(bad()),
-    };
-    // Longer than a year is a typo, and would overflow the clock.
-    d.filter(|d| *d <= MAX_DURATION)
-        .ok_or_else(|| format!("{s:?}: too long (a year at most)"))
-}
-
-/// The longest duration [`parse_duration`] accepts: a year.
-pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+pub use crate::cli::{MAX_DURATION, parse_duration};
 
 /// `1 s`, `500 ms`, `1.5 s`.
 fn show(d: Duration) -> String {

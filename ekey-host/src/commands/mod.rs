@@ -1,7 +1,9 @@
 //! The subcommands: `main` parses the command line and runs one of them.
 
 pub mod docs;
+#[cfg(unix)]
 pub mod emulate;
+#[cfg(unix)]
 pub mod feed;
 pub mod keyring;
 pub mod list;
@@ -18,6 +20,7 @@ use crate::cli::Cli;
 use crate::cli::Command;
 use crate::cli::KeySources;
 use crate::cli::Outputs;
+#[cfg(unix)]
 use crate::commands::emulate::emulate;
 use crate::commands::keyring::keyring_command;
 use crate::commands::list::list_command;
@@ -213,7 +216,9 @@ async fn run_command(command: Command) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())
         }
+        #[cfg(unix)]
         Command::Emulate(args) => emulate(args).await,
+        #[cfg(unix)]
         Command::Feed(args) => crate::commands::feed::main(args).await,
         Command::Rekey(args) => rekey_command(args).await,
         Command::Keyring { action, keyring } => keyring_command(action, &keyring).await,

@@ -10,9 +10,12 @@ use crate::keyring::{self, Keyring};
 use crate::keys::driver::{self};
 use crate::keys::transport::{self, Link};
 use crate::keys::usb;
+#[cfg(not(unix))]
+use crate::nounix::UnixStream;
 use ekey_proto::keys::{LongTermKey, Serial};
 use ekey_proto::rekey::parse_master_key;
 use tokio::io::AsyncWriteExt;
+#[cfg(unix)]
 use tokio::net::UnixStream;
 use tracing::warn;
 

@@ -7,10 +7,12 @@
 //! connection open or until `resume KEY`), `resume KEY`.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+#[cfg(not(unix))]
+use crate::nounix::{UnixListener, UnixStream};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+#[cfg(unix)]
 use tokio::net::{UnixListener, UnixStream};
 
 /// Default path of the control socket.
@@ -21,7 +23,9 @@ const MAX_LINE: u64 = 256;
 
 /// Binds the control socket: creates its directory (0700) if missing,
 /// replaces a stale socket, and makes the socket 0600.
+#[cfg(unix)]
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.exists()
     {
@@ -49,6 +53,12 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// The control socket is a Unix socket: an error here.
+#[cfg(not(unix))]
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    UnixListener::bind(path)
 }
 
 /// Reads one command line from a control client.
@@ -303,11 +313,7 @@ impl Daemon {
 /// released while the client keeps the connection open (a `rekey` at
 /// work), and is taken back when it closes without a `resume` (a `rekey`
 /// that was killed).
-pub(crate) async fn hold_release(
-    stream: &mut tokio::net::UnixStream,
-    daemon: &Daemon,
-    target: &str,
-) {
+pub(crate) async fn hold_release(stream: &mut UnixStream, daemon: &Daemon, target: &str) {
     use tokio::io::AsyncReadExt;
     let mut sink = [0u8; 64];
     while let Ok(n) = stream.read(&mut sink).await {
@@ -321,7 +327,7 @@ pub(crate) async fn hold_release(
     }
 }
 
-pub(crate) async fn serve_control(listener: tokio::net::UnixListener, daemon: Daemon) {
+pub(crate) async fn serve_control(listener: UnixListener, daemon: Daemon) {
     let daemon = Arc::new(daemon);
     loop {
         let mut stream = match listener.accept().await {

@@ -2,7 +2,6 @@
 
 use std::io::{self};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::daemon::Ctx;
@@ -35,11 +34,12 @@ pub(crate) fn terminal_reason(state: State) -> Option<String> {
     }
 }
 
+#[cfg(usb)]
 /// Drives a key on USB until it goes away; a key that stops answering
 /// gets a USB port reset (it then re-enumerates and comes back through
 /// hot-plug).
 pub(crate) fn start_usb_key(
-    info: nusb::DeviceInfo,
+    info: usb::DeviceInfo,
     ctx: &Ctx,
     statuses: &SharedStatuses,
     seen: &UsbSeen,
@@ -64,10 +64,11 @@ pub(crate) fn start_usb_key(
     tokio::spawn(keep_usb_key(info, ctx.clone(), status, seen));
 }
 
+#[cfg(usb)]
 /// Drives the USB key `info` until it goes away (resetting its port if
 /// it stops answering, waiting while it is released for a re-key), then
 /// marks it no longer driven.
-async fn keep_usb_key(info: nusb::DeviceInfo, mut ctx: Ctx, status: SharedStatus, seen: UsbSeen) {
+async fn keep_usb_key(info: usb::DeviceInfo, mut ctx: Ctx, status: SharedStatus, seen: UsbSeen) {
     let id = info.id();
     let where_ = usb::describe(&info);
     loop {
@@ -127,12 +128,13 @@ async fn keep_usb_key(info: nusb::DeviceInfo, mut ctx: Ctx, status: SharedStatus
         .remove(&id);
 }
 
+#[cfg(usb)]
 /// Whether a USB key whose transfers failed with `e` is still attached.
 ///
 /// nusb reports a disconnect as `ConnectionAborted`; other errors (a
 /// host controller may first report `EPROTO`) come before the kernel has
 /// removed the device, so the device list is asked for up to 2 s.
-pub(crate) async fn still_listed(id: nusb::DeviceId, e: &io::Error) -> bool {
+pub(crate) async fn still_listed(id: usb::DeviceId, e: &io::Error) -> bool {
     if e.kind() == io::ErrorKind::ConnectionAborted {
         return false;
     }
@@ -148,18 +150,21 @@ pub(crate) async fn still_listed(id: nusb::DeviceId, e: &io::Error) -> bool {
     true
 }
 
+#[cfg(usb)]
 /// USB keys being driven, and those that could not be opened.
 #[derive(Default)]
 pub(crate) struct UsbSeenSets {
-    pub(crate) active: std::collections::HashSet<nusb::DeviceId>,
-    pub(crate) failed: std::collections::HashSet<nusb::DeviceId>,
+    pub(crate) active: std::collections::HashSet<usb::DeviceId>,
+    pub(crate) failed: std::collections::HashSet<usb::DeviceId>,
 }
 
-pub(crate) type UsbSeen = Arc<Mutex<UsbSeenSets>>;
+#[cfg(usb)]
+pub(crate) type UsbSeen = std::sync::Arc<std::sync::Mutex<UsbSeenSets>>;
 
 /// How often the daemon lists USB keys, besides hot-plug events: hot-plug
 /// needs udev's events (no udevd in containers, initramfs or mdev systems),
 /// and a key that re-enumerates after a port reset must come back anyway.
+#[cfg(usb)]
 pub(crate) const USB_RESCAN: Duration = Duration::from_secs(5);
 
 /// Waits until the key of `status` is no longer released.
@@ -342,6 +347,13 @@ fn start_emulated(keys: &KeySources, ctx: &Ctx, statuses: &SharedStatuses) -> Re
     Ok(())
 }
 
+/// Keys on USB where there is no raw USB: a clear error.
+#[cfg(not(usb))]
+async fn start_usb(_: &Ctx, _: &SharedStatuses) -> Result<(), Error> {
+    Err(Error::UsbList(usb::unsupported()))
+}
+
+#[cfg(usb)]
 /// Keys on USB: every one attached now, and (for the daemon, not `read`)
 /// every one plugged in later, from hot-plug events and a rescan.
 async fn start_usb(ctx: &Ctx, statuses: &SharedStatuses) -> Result<(), Error> {
@@ -373,9 +385,10 @@ async fn start_usb(ctx: &Ctx, statuses: &SharedStatuses) -> Result<(), Error> {
     Ok(())
 }
 
+#[cfg(usb)]
 /// Starts a driver for each key plugged in.
 async fn follow_hotplug(
-    mut watch: nusb::hotplug::HotplugWatch,
+    mut watch: usb::HotplugWatch,
     ctx: Ctx,
     statuses: SharedStatuses,
     seen: UsbSeen,
@@ -391,13 +404,14 @@ async fn follow_hotplug(
             usb::Hotplug::Arrived(info) => {
                 info!("key plugged in: {}", usb::describe(&info));
                 forget(info.id());
-                start_usb_key(info, &ctx, &statuses, &seen);
+                start_usb_key(*info, &ctx, &statuses, &seen);
             }
             usb::Hotplug::Left(id) => forget(id),
         }
     }
 }
 
+#[cfg(usb)]
 /// Every [`USB_RESCAN`]: starts a driver for any key on USB that no driver
 /// has (hot-plug events can be missed, e.g. without udev).
 async fn rescan_usb(ctx: Ctx, statuses: SharedStatuses, seen: UsbSeen) {

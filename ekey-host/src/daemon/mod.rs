@@ -31,9 +31,9 @@ use crate::outputs::file::open_output;
 use crate::outputs::kernel;
 use crate::outputs::start_egd;
 use crate::outputs::start_kernel;
+use crate::signals::{Signal, SignalKind, signal};
 use ekey_proto::health::GateConfig;
 use ekey_proto::keys::Serial;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -531,7 +531,7 @@ async fn main_loop(
         }
     }
     if l.notify.is_some() {
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        notify::stopping();
     }
     if live {
         eprintln!();

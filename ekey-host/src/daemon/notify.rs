@@ -15,7 +15,7 @@ pub(crate) struct Notifier {
 
 impl Notifier {
     pub(crate) fn new(no_wait: bool) -> Self {
-        let period = sd_notify::watchdog_enabled().map(|t| (t / 2).max(Duration::from_millis(100)));
+        let period = watchdog_enabled().map(|t| (t / 2).max(Duration::from_millis(100)));
         let mut n = Notifier {
             ready: false,
             period,
@@ -29,7 +29,7 @@ impl Notifier {
 
     pub(crate) fn ready(&mut self) {
         self.ready = true;
-        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        if let Err(e) = send(&[State::Ready]) {
             warn!("cannot tell systemd the daemon is ready: {e}");
         }
     }
@@ -51,14 +51,59 @@ impl Notifier {
         );
         let mut states = Vec::new();
         if self.period.is_some() {
-            states.push(sd_notify::NotifyState::Watchdog);
+            states.push(State::Watchdog);
         }
         if status != self.last_status {
-            states.push(sd_notify::NotifyState::Status(&status));
+            states.push(State::Status(&status));
         }
         if !states.is_empty() {
-            let _ = sd_notify::notify(&states);
+            let _ = send(&states);
         }
         self.last_status = status;
     }
+}
+
+/// Tells systemd the daemon is stopping.
+pub(crate) fn stopping() {
+    let _ = send(&[State::Stopping]);
+}
+
+/// What is told.
+#[cfg_attr(not(unix), allow(dead_code))]
+enum State<'a> {
+    Ready,
+    Watchdog,
+    Status(&'a str),
+    Stopping,
+}
+
+#[cfg(unix)]
+fn send(states: &[State<'_>]) -> std::io::Result<()> {
+    use sd_notify::NotifyState;
+    let states: Vec<NotifyState<'_>> = states
+        .iter()
+        .map(|s| match s {
+            State::Ready => NotifyState::Ready,
+            State::Watchdog => NotifyState::Watchdog,
+            State::Status(t) => NotifyState::Status(t),
+            State::Stopping => NotifyState::Stopping,
+        })
+        .collect();
+    sd_notify::notify(&states)
+}
+
+#[cfg(unix)]
+fn watchdog_enabled() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+/// No systemd here.
+#[cfg(not(unix))]
+fn send(_: &[State<'_>]) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn watchdog_enabled() -> Option<Duration> {
+    None
 }

@@ -6,4 +6,5 @@ pub mod driver;
 pub mod soft;
 pub mod ticker;
 pub mod transport;
+#[cfg_attr(not(usb), path = "usb_none.rs")]
 pub mod usb;

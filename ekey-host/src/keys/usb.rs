@@ -4,10 +4,14 @@
 
 use std::io;
 
+use std::io::{Read, Write};
+use std::time::Duration;
+
 use nusb::MaybeFuture;
 use nusb::descriptors::TransferType;
+pub use nusb::hotplug::HotplugWatch;
 use nusb::transfer::{Bulk, Direction, In, Out};
-use nusb::{DeviceId, DeviceInfo};
+pub use nusb::{Device, DeviceId, DeviceInfo};
 
 use crate::keys::transport::Link;
 
@@ -48,9 +52,19 @@ pub fn describe(d: &DeviceInfo) -> String {
             .map(u8::to_string)
             .collect::<Vec<_>>()
             .join("."),
-        d.busnum(),
+        bus(d),
         d.device_address()
     )
+}
+
+#[cfg(target_os = "linux")]
+fn bus(d: &DeviceInfo) -> u8 {
+    d.busnum()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn bus(d: &DeviceInfo) -> &str {
+    d.bus_id()
 }
 
 /// The data interface and its bulk endpoints, from the descriptors.
@@ -65,7 +79,7 @@ pub struct DataInterface {
 }
 
 /// Finds the CDC data interface with one bulk IN and one bulk OUT endpoint.
-pub fn find_data_interface(dev: &nusb::Device) -> io::Result<DataInterface> {
+pub fn find_data_interface(dev: &Device) -> io::Result<DataInterface> {
     let cfg = dev
         .active_configuration()
         .map_err(|e| io::Error::other(format!("no active configuration: {e}")))?;
@@ -94,7 +108,7 @@ pub fn find_data_interface(dev: &nusb::Device) -> io::Result<DataInterface> {
 /// Opens a key: claims its data interface (detaching `cdc_acm`, which
 /// nusb re-attaches when the link is dropped) and keeps IN transfers
 /// queued.
-pub async fn open(info: &DeviceInfo) -> io::Result<(Link, nusb::Device)> {
+pub async fn open(info: &DeviceInfo) -> io::Result<(Link, Device)> {
     let dev = info.open().await.map_err(|e| {
         io::Error::new(
             io::Error::from(e.clone()).kind(),
@@ -148,31 +162,32 @@ pub async fn open(info: &DeviceInfo) -> io::Result<(Link, nusb::Device)> {
 }
 
 /// Resets the device's USB port (it re-enumerates; the old handle is dead).
-pub async fn reset(dev: &nusb::Device) -> io::Result<()> {
+pub async fn reset(dev: &Device) -> io::Result<()> {
     dev.reset().await.map_err(io::Error::from)
 }
 
 /// Hot-plug events for Entropy Keys.
 pub enum Hotplug {
-    /// A key appeared.
-    Arrived(DeviceInfo),
+    /// A key appeared (boxed: a device's information is large on some
+    /// systems).
+    Arrived(Box<DeviceInfo>),
     /// A device went away (any device: match the id).
     Left(DeviceId),
 }
 
 /// Watches for keys coming and going. Create it before listing, so that
 /// no key is missed.
-pub fn watch() -> io::Result<nusb::hotplug::HotplugWatch> {
+pub fn watch() -> io::Result<HotplugWatch> {
     nusb::watch_devices().map_err(io::Error::from)
 }
 
 /// The next hot-plug event that concerns keys.
-pub async fn next_event(w: &mut nusb::hotplug::HotplugWatch) -> Option<Hotplug> {
+pub async fn next_event(w: &mut HotplugWatch) -> Option<Hotplug> {
     use futures_lite::StreamExt;
     loop {
         match w.next().await? {
             nusb::hotplug::HotplugEvent::Connected(d) if is_entropy_key(&d) => {
-                return Some(Hotplug::Arrived(d));
+                return Some(Hotplug::Arrived(Box::new(d)));
             }
             nusb::hotplug::HotplugEvent::Disconnected(id) => return Some(Hotplug::Left(id)),
             _ => {}
@@ -192,4 +207,44 @@ pub fn list_blocking() -> io::Result<Vec<DeviceInfo>> {
         })?
         .filter(is_entropy_key)
         .collect())
+}
+
+/// A USB key's data interface as one blocking reader and writer.
+pub struct BlockingUsb {
+    reader: nusb::io::EndpointRead<Bulk>,
+    writer: nusb::io::EndpointWrite<Bulk>,
+}
+
+impl Read for BlockingUsb {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for BlockingUsb {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// Blocking variant of [`open`] for simple tools: reads return after
+/// `poll` with whatever came, possibly nothing.
+pub fn open_blocking(info: &DeviceInfo, poll: Duration) -> io::Result<BlockingUsb> {
+    let dev = info.open().wait()?;
+    let data = find_data_interface(&dev)?;
+    let intf = dev.detach_and_claim_interface(data.interface).wait()?;
+    let ep_in = intf.endpoint::<Bulk, In>(data.ep_in)?;
+    let ep_out = intf.endpoint::<Bulk, Out>(data.ep_out)?;
+    let mps = ep_in.max_packet_size().max(64);
+    let reader = ep_in
+        .reader(mps)
+        .with_num_transfers(8)
+        .with_read_timeout(poll);
+    let writer = ep_out
+        .writer(512)
+        .with_write_timeout(Duration::from_secs(5));
+    Ok(BlockingUsb { reader, writer })
 }

@@ -159,6 +159,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+#[cfg(unix)]
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -167,7 +168,9 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
+#[cfg(unix)]
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -342,8 +345,10 @@ enum PeerId {
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     Subject(u64),
     /// A Unix-socket client's user.
+    #[cfg_attr(not(unix), allow(dead_code))]
     Uid(u32),
     /// A Unix-socket client whose credentials could not be read.
+    #[cfg_attr(not(unix), allow(dead_code))]
     Unknown,
 }
 
@@ -649,6 +654,7 @@ pub enum EgdListener {
     /// TCP.
     Tcp(TcpListener),
     /// Unix stream socket.
+    #[cfg(unix)]
     Unix(UnixListener),
     /// TLS over TCP, with its settings.
     #[cfg(feature = "tls")]
@@ -657,6 +663,7 @@ pub enum EgdListener {
 
 enum Stream {
     Tcp(TcpStream),
+    #[cfg(unix)]
     Unix(UnixStream),
     /// Before its handshake.
     #[cfg(feature = "tls")]
@@ -704,6 +711,7 @@ impl EgdListener {
                 };
                 (Stream::Tls(s, server.clone()), peer)
             }),
+            #[cfg(unix)]
             Self::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| {
                 let cred = s.peer_cred().ok();
                 let label = match &cred {
@@ -803,6 +811,7 @@ pub async fn bind_tcp(addr: &str) -> io::Result<TcpListener> {
 /// A stale socket at `path` is removed first; a socket something still
 /// listens on, or any other kind of file, is an error (never deleted).
 /// Must be called inside a tokio runtime.
+#[cfg(unix)]
 pub fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -832,6 +841,22 @@ pub fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixL
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
+}
+
+/// Unix sockets are Unix only: an error here.
+#[cfg(not(unix))]
+pub fn bind_unix(
+    path: &Path,
+    _mode: u32,
+    _group: Option<u32>,
+) -> io::Result<std::convert::Infallible> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "{}: Unix sockets are Unix only; use --egd-tcp",
+            path.display()
+        ),
+    ))
 }
 
 /// Runs the EGD server on `listeners` (all sharing one pool and one
@@ -1477,6 +1502,7 @@ async fn accept_loop(ctx: &Arc<Ctx>, listeners: &[EgdListener]) -> io::Result<()
         };
         match stream {
             Stream::Tcp(s) => admit_and_spawn(ctx, &peer, &mut tasks, s),
+            #[cfg(unix)]
             Stream::Unix(s) => admit_and_spawn(ctx, &peer, &mut tasks, s),
             #[cfg(feature = "tls")]
             Stream::Tls(tcp, server) => {

@@ -108,12 +108,9 @@ pub(crate) fn open_output(output: Option<&Path>) -> Result<Option<Output>, FileE
 /// written; a device or pipe (`/dev/stdout`, a FIFO) is left as it is.
 pub(crate) fn create_private(path: &Path) -> Result<std::fs::File, FileError> {
     let path_buf = || path.to_path_buf();
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let file = std::fs::OpenOptions::new()
-        .write(true)
+    let file = crate::private::write_options()
         .create(true)
         .truncate(true)
-        .mode(0o600)
         .open(path)
         .map_err(|source| FileError::Create {
             path: path_buf(),
@@ -123,12 +120,11 @@ pub(crate) fn create_private(path: &Path) -> Result<std::fs::File, FileError> {
         path: path_buf(),
         source,
     })?;
-    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|source| FileError::Chmod {
-                path: path_buf(),
-                source,
-            })?;
+    if meta.is_file() && crate::private::mode(&meta).is_some_and(|m| m & 0o077 != 0) {
+        crate::private::set_private(&file).map_err(|source| FileError::Chmod {
+            path: path_buf(),
+            source,
+        })?;
     }
     Ok(file)
 }

@@ -1,4 +1,10 @@
-//! Feeding the Linux kernel's random pool (PROTOCOL.md §10, `--kernel`).
+//! Feeding the kernel's random pool (PROTOCOL.md §10, `--kernel`).
+//!
+//! This page is about Linux; the BSDs are fed through the same
+//! [`KernelFeeder`] by [`bsd::BsdRandom`] (see there: no credit on FreeBSD
+//! and OpenBSD, RNDADDDATA with an estimate on NetBSD, no forced reseeds).
+//! Elsewhere (macOS, Windows) [`RandomDevice::open`] says the kernel
+//! cannot be fed.
 //!
 //! Bytes go in via `ioctl(/dev/random, RNDADDENTROPY, rand_pool_info)`, which
 //! mixes them into the pool and credits `bits_per_byte` bits of entropy per
@@ -45,20 +51,28 @@
 //! it is given. Keeping refused bytes out is the caller's job.
 
 use std::fmt;
+#[cfg(target_os = "linux")]
 use std::fs::{File, OpenOptions};
 use std::io;
+#[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "netbsd"))]
 use nix::errno::Errno;
+#[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "netbsd"))]
 use nix::libc;
 use tokio::sync::mpsc;
-use zeroize::{Zeroize, Zeroizing};
+#[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "netbsd"))]
+use zeroize::Zeroize;
+use zeroize::Zeroizing;
 
 use crate::wipe::WipeQueue;
 
 use crate::keys::driver::GateCloses;
+
+pub mod bsd;
 
 /// Bytes the daemon's kernel output mixes in at once when this host turns
 /// out to be a restored snapshot or a clone.
@@ -67,15 +81,18 @@ pub const ON_VMGENID_BYTES: usize = 64;
 /// Largest number of bytes passed to the kernel in one ioctl.
 pub const MAX_CHUNK: usize = 512;
 
+#[cfg(target_os = "linux")]
 /// `RNDADDENTROPY = _IOW('R', 0x03, int[2])` (0x40085203 on Linux).
 const RNDADDENTROPY: nix::sys::ioctl::ioctl_num_type =
     nix::request_code_write!(b'R', 0x03, size_of::<[libc::c_int; 2]>())
         as nix::sys::ioctl::ioctl_num_type;
 
+#[cfg(target_os = "linux")]
 /// `RNDRESEEDCRNG = _IO('R', 0x07)` (0x5207 on Linux).
 const RNDRESEEDCRNG: nix::sys::ioctl::ioctl_num_type =
     nix::request_code_none!(b'R', 0x07) as nix::sys::ioctl::ioctl_num_type;
 
+#[cfg(target_os = "linux")]
 const NEEDS_ROOT: &str = "feeding the kernel needs root (CAP_SYS_ADMIN)";
 
 /// How the kernel is fed.
@@ -228,14 +245,97 @@ pub trait EntropySink {
     fn initialised(&mut self) -> bool;
     /// Reseeds the CRNG from the input pool now.
     fn reseed(&mut self) -> io::Result<()>;
+    /// Whether [`EntropySink::reseed`] does anything (no BSD kernel has a
+    /// forced reseed; the feeder then never asks).
+    fn can_reseed(&self) -> bool {
+        true
+    }
+    /// Whether the kernel takes the credit it is given (FreeBSD and
+    /// OpenBSD keep no entropy count; the feeder then counts none).
+    fn credits(&self) -> bool {
+        true
+    }
 }
 
-/// `/dev/random`, fed through RNDADDENTROPY.
+/// The kernel's random device on this system: Linux's (RNDADDENTROPY).
+#[cfg(target_os = "linux")]
+pub type RandomDevice = LinuxRandom;
+/// The kernel's random device on this system: a BSD's.
+#[cfg(any(target_os = "freebsd", target_os = "openbsd", target_os = "netbsd"))]
+pub type RandomDevice = bsd::BsdRandom;
+/// The kernel's random device on this system: none can be fed here.
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd"
+)))]
+pub type RandomDevice = Unfed;
+
+/// Where no kernel can be fed (macOS, Windows): [`Unfed::open`] says so.
 #[derive(Debug)]
-pub struct RandomDevice {
+pub enum Unfed {}
+
+impl Unfed {
+    /// Fails: this system's kernel cannot be fed.
+    pub fn open() -> io::Result<Self> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "feeding the kernel is supported on Linux, FreeBSD, OpenBSD and NetBSD only; \
+             use --egd-tcp, --output or read here",
+        ))
+    }
+}
+
+impl EntropySink for Unfed {
+    fn add_entropy(&mut self, _: &[u8], _: u32) -> io::Result<()> {
+        match *self {}
+    }
+    fn initialised(&mut self) -> bool {
+        match *self {}
+    }
+    fn reseed(&mut self) -> io::Result<()> {
+        match *self {}
+    }
+}
+
+/// Whether the kernel's generator is seeded: `getrandom` with
+/// `GRND_NONBLOCK` fails with EAGAIN until it is (Linux 3.17+, FreeBSD
+/// 12+, NetBSD 10+). OpenBSD seeds it at boot.
+#[cfg(any(target_os = "linux", target_os = "freebsd", target_os = "netbsd"))]
+pub(crate) fn crng_ready() -> bool {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: the buffer is one writable byte, as the length says.
+        let rc = unsafe { libc::getrandom((&raw mut byte).cast(), 1, libc::GRND_NONBLOCK) };
+        byte.zeroize();
+        if rc >= 0 {
+            return true;
+        }
+        match Errno::last() {
+            Errno::EINTR => continue,
+            Errno::EAGAIN => return false,
+            // No getrandom (an old kernel): don't flood it forever.
+            _ => return true,
+        }
+    }
+}
+
+/// Whether the kernel's generator is seeded: OpenBSD seeds it at boot,
+/// and elsewhere there is nothing to fill.
+#[cfg(not(any(target_os = "linux", target_os = "freebsd", target_os = "netbsd")))]
+pub(crate) fn crng_ready() -> bool {
+    true
+}
+
+/// `/dev/random` on Linux, fed through RNDADDENTROPY.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+pub struct LinuxRandom {
     file: File,
 }
 
+#[cfg(target_os = "linux")]
 #[repr(C)]
 struct RandPoolInfo {
     entropy_count: libc::c_int,
@@ -243,6 +343,7 @@ struct RandPoolInfo {
     buf: [u8; MAX_CHUNK],
 }
 
+#[cfg(target_os = "linux")]
 fn permission_error(err: io::Error) -> io::Error {
     if matches!(err.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
         io::Error::new(
@@ -254,7 +355,8 @@ fn permission_error(err: io::Error) -> io::Error {
     }
 }
 
-impl RandomDevice {
+#[cfg(target_os = "linux")]
+impl LinuxRandom {
     /// Opens `/dev/random` for writing and checks, with an empty
     /// RNDADDENTROPY, that we may feed it (fails with "feeding the kernel
     /// needs root (CAP_SYS_ADMIN)" otherwise).
@@ -268,13 +370,14 @@ impl RandomDevice {
                 }
                 _ => io::Error::new(e.kind(), format!("/dev/random: {e}")),
             })?;
-        let mut dev = RandomDevice { file };
+        let mut dev = LinuxRandom { file };
         dev.add_entropy(&[], 0)?;
         Ok(dev)
     }
 }
 
-impl EntropySink for RandomDevice {
+#[cfg(target_os = "linux")]
+impl EntropySink for LinuxRandom {
     fn add_entropy(&mut self, bytes: &[u8], bits: u32) -> io::Result<()> {
         for piece in bytes
             .chunks(MAX_CHUNK)
@@ -308,21 +411,7 @@ impl EntropySink for RandomDevice {
     }
 
     fn initialised(&mut self) -> bool {
-        let mut byte = 0u8;
-        loop {
-            // SAFETY: the buffer is one writable byte, as the length says.
-            let rc = unsafe { libc::getrandom((&raw mut byte).cast(), 1, libc::GRND_NONBLOCK) };
-            byte.zeroize();
-            if rc >= 0 {
-                return true;
-            }
-            match Errno::last() {
-                Errno::EINTR => continue,
-                Errno::EAGAIN => return false,
-                // No getrandom (pre-3.17 kernel): don't flood it forever.
-                _ => return true,
-            }
-        }
+        crng_ready()
     }
 }
 
@@ -441,7 +530,11 @@ impl KernelFeeder {
         let mut mixed = false;
         let mut result = Ok(());
         for piece in bytes.chunks(self.config.chunk()) {
-            let bits = self.config.credit(piece.len());
+            let bits = if sink.credits() {
+                self.config.credit(piece.len())
+            } else {
+                0
+            };
             match sink.add_entropy(piece, bits) {
                 Ok(()) => {
                     self.stats.bytes_written += piece.len() as u64;
@@ -483,7 +576,7 @@ impl KernelFeeder {
         let recent = self
             .reseeded_at
             .is_some_and(|t| now.saturating_duration_since(t) < every);
-        if !forced && (every.is_zero() || recent) {
+        if !sink.can_reseed() || (!forced && (every.is_zero() || recent)) {
             return;
         }
         self.reseeded_at = Some(now);

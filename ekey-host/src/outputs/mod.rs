@@ -202,7 +202,10 @@ pub(crate) async fn start_egd(
             source,
         })?;
         info!("EGD server on unix {} (mode {mode:o})", path.display());
+        #[cfg(unix)]
         listeners.push(egd::EgdListener::Unix(l));
+        #[cfg(not(unix))]
+        match l {}
     }
     if listeners.is_empty() {
         return Ok(EgdStarted::default());
