@@ -241,10 +241,12 @@ pub(crate) struct Outputs {
     /// (CN=guest1); repeatable.
     #[arg(long, value_name = "SUBJECT", requires = "egd_tls")]
     pub(crate) egd_allow_subject: Vec<String>,
-    /// Mode of the EGD Unix socket, octal.
+    /// Mode of the EGD Unix socket and the `--vhost-user-rng` sockets,
+    /// octal.
     #[arg(long, value_name = "OCTAL", default_value = "600")]
     pub(crate) egd_mode: String,
-    /// Group (numeric id) of the EGD Unix socket.
+    /// Group (numeric id) of the EGD Unix socket and the
+    /// `--vhost-user-rng` sockets.
     #[arg(long, value_name = "GID")]
     pub(crate) egd_group: Option<u32>,
     /// Most bytes per second each EGD client gets (so one guest cannot
@@ -273,10 +275,23 @@ pub(crate) struct Outputs {
     #[arg(long, value_name = "GID")]
     pub(crate) egd_allow_gid: Vec<u32>,
     /// Share weight of one listener's clients under scarcity
-    /// (`tcp=W`, `tls=W` or `unix=W`, W in 1..=1000, default 1 each);
-    /// repeatable.
+    /// (`tcp=W`, `tls=W`, `unix=W` or `vhost-user=W`, W in 1..=1000,
+    /// default 1 each); repeatable.
     #[arg(long, value_name = "KIND=WEIGHT", value_parser = parse_share)]
     pub(crate) egd_share: Vec<(String, u32)>,
+    /// Serve one guest's virtio-rng queue over vhost-user on this socket
+    /// (the daemon listens; QEMU: `-chardev socket,id=vu0,path=PATH
+    /// -device vhost-user-rng-pci,chardev=vu0`, with shared guest memory);
+    /// repeatable, one socket per guest, made with `--egd-mode` and
+    /// `--egd-group`. The guest is a client of the EGD hub (`--egd-share
+    /// vhost-user=W`, `--egd-rate`). Linux only.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) vhost_user_rng: Vec<PathBuf>,
+    /// Serve every vhost-user socket created in DIR (QEMU or libvirt makes
+    /// it with `server=on`; the daemon connects), one guest per socket,
+    /// named after the file (`vm1.sock`: `vm1`). Linux only.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) vhost_user_rng_dir: Option<PathBuf>,
     /// Feed the kernel's pool (RNDADDENTROPY on /dev/random, needs
     /// CAP_SYS_ADMIN), crediting this many bits per byte (0..8; 0 mixes
     /// the bytes in without credit).
@@ -423,15 +438,15 @@ pub(crate) fn parse_allow_net(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{s:?} is not a network (10.0.0.0/8, fd00::/8) or an address"))
 }
 
-/// `--egd-share`: `tcp=W`, `tls=W` or `unix=W`.
+/// `--egd-share`: `tcp=W`, `tls=W`, `unix=W` or `vhost-user=W`.
 pub(crate) fn parse_share(s: &str) -> Result<(String, u32), String> {
-    let (kind, weight) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected tcp=WEIGHT, tls=WEIGHT or unix=WEIGHT"))?;
+    let (kind, weight) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected tcp=WEIGHT, tls=WEIGHT, unix=WEIGHT or vhost-user=WEIGHT")
+    })?;
     let kind = kind.trim();
-    if !["tcp", "tls", "unix"].contains(&kind) {
+    if !["tcp", "tls", "unix", "vhost-user"].contains(&kind) {
         return Err(format!(
-            "{kind:?}: the listener kinds are tcp, tls and unix"
+            "{kind:?}: the listener kinds are tcp, tls, unix and vhost-user"
         ));
     }
     let weight: u32 = weight
@@ -510,7 +525,7 @@ mod tests {
         for (bad, why) in [
             (&["--egd-allow", "10.0.0.0/33"][..], "not a network"),
             (&["--egd-allow", "localhost"], "not a network"),
-            (&["--egd-share", "udp=2"], "tcp, tls and unix"),
+            (&["--egd-share", "udp=2"], "tcp, tls, unix and vhost-user"),
             (&["--egd-share", "tcp=0"], "1 to 1000"),
             (&["--egd-share", "tcp"], "tcp=WEIGHT"),
             (&["--egd-max-per-peer", "0"], "0"),

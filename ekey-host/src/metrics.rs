@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub kernel_bits_per_byte: u8,
     /// Bytes written to `--output`.
     pub file_bytes: u64,
+    /// The vhost-user guests (status's `vhost_user` document), if served.
+    pub vhost_user: Option<serde_json::Value>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -130,7 +132,63 @@ pub fn registry(s: &Snapshot) -> Registry {
     if let Some(e) = &s.egd {
         egd_metrics(&mut m, e, &out_bytes);
     }
+    if let Some(v) = &s.vhost_user {
+        vhost_user_metrics(&mut m, v);
+    }
     reg
+}
+
+/// Each vhost-user guest (from status's `vhost_user` document): whether
+/// QEMU is connected, its connections, bytes and requests served, buffers
+/// held, and rejected descriptors by kind. The hub's view of the same
+/// guest is its `ekey_egd_client_*` series (`peer="vhost-user NAME"`).
+fn vhost_user_metrics(m: &mut Metrics<'_>, v: &serde_json::Value) {
+    let connected = m.gauge(
+        "vhost_user_connected",
+        "1 while the vhost-user guest's QEMU is connected",
+    );
+    let connections = m.counter(
+        "vhost_user_connections",
+        "Connections of each vhost-user guest's QEMU",
+    );
+    let served = m.counter(
+        "vhost_user_served_bytes",
+        "Bytes written into each vhost-user guest's buffers",
+    );
+    let requests = m.counter(
+        "vhost_user_served_requests",
+        "Buffers of each vhost-user guest filled",
+    );
+    let pending = m.gauge(
+        "vhost_user_requests_pending",
+        "Buffers of each vhost-user guest held, waiting for entropy",
+    );
+    let rejected = m.counter(
+        "vhost_user_rejected_descriptors",
+        "Descriptor chains of each vhost-user guest rejected, by kind",
+    );
+    let n = |g: &serde_json::Value, k: &str| g[k].as_u64().unwrap_or(0);
+    for g in v["guests"].as_array().into_iter().flatten() {
+        let l: Labels = vec![("name".into(), g["name"].as_str().unwrap_or("?").to_string())];
+        set(
+            &connected,
+            &l,
+            i64::from(g["connected"].as_bool() == Some(true)),
+        );
+        add(&connections, &l, n(g, "connections"));
+        add(&served, &l, n(g, "bytes_served"));
+        add(&requests, &l, n(g, "requests_served"));
+        set(&pending, &l, n(g, "requests_pending") as i64);
+        if let Some(kinds) = g["rejected"].as_object() {
+            for (kind, count) in kinds.iter().filter(|(k, _)| k.as_str() != "total") {
+                add(
+                    &rejected,
+                    &with(l.clone(), "kind", kind),
+                    count.as_u64().unwrap_or(0),
+                );
+            }
+        }
+    }
 }
 
 /// Each key's link, state and what the key says of itself (readings,

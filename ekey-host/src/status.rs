@@ -195,7 +195,51 @@ pub fn render(doc: &Value) -> String {
     if let Some(e) = doc["egd"].as_object() {
         render_egd(&mut out, e);
     }
+    if let Some(v) = doc["vhost_user"].as_object() {
+        render_vhost_user(&mut out, v);
+    }
     out
+}
+
+fn render_vhost_user(out: &mut String, v: &serde_json::Map<String, Value>) {
+    let guests = v["guests"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "\nvhost-user-rng: {} of {} guest{} connected, {} served, {} buffers held",
+        v["connected"],
+        guests.len(),
+        if guests.len() == 1 { "" } else { "s" },
+        human_bytes(v["bytes_served"].as_u64().unwrap_or(0)),
+        v["requests_pending"],
+    );
+    let wait = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"))
+    };
+    for g in &guests {
+        let _ = writeln!(
+            out,
+            "  {} ({}, {})  {}, {} connections, {} served in {} buffers, {} held, wait p50 {} p99 {}, {} rejected{}",
+            g["name"].as_str().unwrap_or("?"),
+            g["socket"].as_str().unwrap_or("?"),
+            g["role"].as_str().unwrap_or("?"),
+            if g["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+            g["connections"],
+            human_bytes(g["bytes_served"].as_u64().unwrap_or(0)),
+            g["requests_served"],
+            g["requests_pending"],
+            wait(&g["wait_p50_ms"]),
+            wait(&g["wait_p99_ms"]),
+            g["rejected"]["total"],
+            g["last_error"]
+                .as_str()
+                .map_or_else(String::new, |e| format!("; last error: {e}")),
+        );
+    }
 }
 
 /// One key's section: its link and state, what it says of itself, its

@@ -171,6 +171,8 @@ pub(crate) struct Daemon {
     pub(crate) kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
     /// Bits credited per byte by the kernel output.
     pub(crate) kernel_bits: u8,
+    /// The vhost-user guests' counters.
+    pub(crate) vhost: Option<crate::outputs::VhostStats>,
 }
 
 impl Daemon {
@@ -262,6 +264,9 @@ impl Daemon {
                 "reseed_failures": k.reseed_failures,
                 "new_vm_generations": k.new_generations,
             });
+        }
+        if let Some(v) = &self.vhost {
+            doc["vhost_user"] = crate::outputs::vhost_json(v);
         }
         format!("{doc}\n")
     }

@@ -301,6 +301,7 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
     let keyed = ctx.keyed.clone();
     let sources = start_keys(keys, ctx, &statuses).await?;
     let mut sockets: Vec<PathBuf> = egd.unix_path.into_iter().collect();
+    sockets.extend(egd.vhost_sockets);
     let daemon = Daemon {
         statuses: statuses.clone(),
         started: std::time::Instant::now(),
@@ -313,6 +314,7 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
         tls: egd.tls.clone(),
         kernel: kernel_stats.clone(),
         kernel_bits: outputs.kernel.unwrap_or(0),
+        vhost: egd.vhost.clone(),
     };
     if !is_read {
         sockets.extend(start_control(outputs.control.clone(), daemon)?);
@@ -320,8 +322,14 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
     if let Some(addr) = &outputs.metrics {
         let file = out.as_ref().map(|o| o.written.clone());
         let kernel_bits = outputs.kernel.unwrap_or(0);
-        let (egd, kernel) = (egd_stats, kernel_stats);
-        start_metrics(addr, &statuses, egd, kernel, file, kernel_bits).await?;
+        let outs = MetricsOutputs {
+            egd: egd_stats,
+            kernel: kernel_stats,
+            vhost: egd.vhost.clone(),
+            file,
+            kernel_bits,
+        };
+        start_metrics(addr, &statuses, outs).await?;
     }
     let dispatch = Dispatch {
         rx: channels.rx,
@@ -346,15 +354,28 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
     })
 }
 
+/// The outputs' counters `/metrics` shows.
+struct MetricsOutputs {
+    egd: Option<Arc<Mutex<egd::EgdStats>>>,
+    kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
+    vhost: Option<crate::outputs::VhostStats>,
+    file: Option<Arc<std::sync::atomic::AtomicU64>>,
+    kernel_bits: u8,
+}
+
 /// Serves `/metrics` on `addr`.
 async fn start_metrics(
     addr: &str,
     statuses: &SharedStatuses,
-    egd: Option<Arc<Mutex<egd::EgdStats>>>,
-    kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
-    file: Option<Arc<std::sync::atomic::AtomicU64>>,
-    kernel_bits_per_byte: u8,
+    outs: MetricsOutputs,
 ) -> Result<(), Error> {
+    let MetricsOutputs {
+        egd,
+        kernel,
+        vhost,
+        file,
+        kernel_bits: kernel_bits_per_byte,
+    } = outs;
     let listener = egd::bind_tcp(addr).await.map_err(|source| Error::Metrics {
         addr: addr.to_string(),
         source,
@@ -372,6 +393,7 @@ async fn start_metrics(
             .as_ref()
             .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         kernel_bits_per_byte,
+        vhost_user: vhost.as_ref().map(crate::outputs::vhost_json),
         file_bytes: file
             .as_ref()
             .map_or(0, |w| w.load(std::sync::atomic::Ordering::Relaxed)),

@@ -289,6 +289,7 @@ impl Admission {
                     || peer.gid.is_some_and(|g| self.allow_gids.contains(&g))
             }
             PeerId::Unknown => self.allow_uids.is_empty() && self.allow_gids.is_empty(),
+            PeerId::Guest(_) => true,
         }
     }
 
@@ -320,6 +321,8 @@ pub struct Shares {
     pub unix: u32,
     /// Clients of the TLS listener.
     pub tls: u32,
+    /// vhost-user guests ([`InternalConnector`]).
+    pub vhost_user: u32,
 }
 
 impl Default for Shares {
@@ -328,6 +331,7 @@ impl Default for Shares {
             tcp: 1,
             unix: 1,
             tls: 1,
+            vhost_user: 1,
         }
     }
 }
@@ -350,6 +354,10 @@ enum PeerId {
     /// A Unix-socket client whose credentials could not be read.
     #[cfg_attr(not(unix), allow(dead_code))]
     Unknown,
+    /// An in-process client (a vhost-user guest), one id per connection:
+    /// configured by the administrator, so never refused by allow-lists
+    /// or caps, and never reclaimed.
+    Guest(u64),
 }
 
 /// What the server knows of a new connection.
@@ -659,7 +667,51 @@ pub enum EgdListener {
     /// TLS over TCP, with its settings.
     #[cfg(feature = "tls")]
     Tls(TcpListener, Arc<crate::tls::TlsServer>),
+    /// In-process connections from an [`InternalConnector`].
+    Internal(Mutex<mpsc::UnboundedReceiver<InternalConn>>),
 }
+
+/// An in-process connection waiting for the hub.
+#[derive(Debug)]
+pub struct InternalConn {
+    name: String,
+    stream: tokio::io::DuplexStream,
+}
+
+/// Opens in-process EGD connections into a hub: each vhost-user guest is
+/// one more client of the hub, with its shares, `--egd-rate`, withdrawal
+/// and accounting, listed as `vhost-user NAME` (listener `vhost-user`).
+#[derive(Clone, Debug)]
+pub struct InternalConnector {
+    tx: mpsc::UnboundedSender<InternalConn>,
+}
+
+impl InternalConnector {
+    /// A new connection for the guest `name`: the caller's end of an EGD
+    /// stream. `None` when the hub has stopped.
+    pub fn connect(&self, name: &str) -> Option<tokio::io::DuplexStream> {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        self.tx
+            .send(InternalConn {
+                name: name.to_owned(),
+                stream: theirs,
+            })
+            .ok()?;
+        Some(ours)
+    }
+}
+
+/// A listener for in-process connections, and its connector.
+pub fn internal_listener() -> (InternalConnector, EgdListener) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        InternalConnector { tx },
+        EgdListener::Internal(Mutex::new(rx)),
+    )
+}
+
+/// Ids of in-process connections ([`PeerId::Guest`]).
+static NEXT_GUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 enum Stream {
     Tcp(TcpStream),
@@ -668,6 +720,7 @@ enum Stream {
     /// Before its handshake.
     #[cfg(feature = "tls")]
     Tls(TcpStream, Arc<crate::tls::TlsServer>),
+    Internal(tokio::io::DuplexStream),
 }
 
 impl EgdListener {
@@ -732,6 +785,26 @@ impl EgdListener {
                 };
                 (Stream::Unix(s), peer)
             }),
+            Self::Internal(rx) => {
+                let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+                match rx.poll_recv(cx) {
+                    // Every connector gone: nothing more will come.
+                    Poll::Ready(None) | Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(c)) => {
+                        let id = NEXT_GUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let peer = PeerInfo {
+                            id: PeerId::Guest(id),
+                            label: format!("vhost-user {}", c.name),
+                            listener: "vhost-user",
+                            ip: None,
+                            gid: None,
+                            subject: None,
+                            share: shares.vhost_user,
+                        };
+                        Poll::Ready(Ok((Stream::Internal(c.stream), peer)))
+                    }
+                }
+            }
         }
     }
 }
@@ -1109,7 +1182,7 @@ impl Hub {
             return Err(Refusal::PeerCap);
         }
         let mut reclaimed = None;
-        if self.slots.len() >= admission.max_clients {
+        if self.slots.len() >= admission.max_clients && !matches!(peer.id, PeerId::Guest(_)) {
             let victim = self
                 .slots
                 .iter()
@@ -1504,6 +1577,7 @@ async fn accept_loop(ctx: &Arc<Ctx>, listeners: &[EgdListener]) -> io::Result<()
             Stream::Tcp(s) => admit_and_spawn(ctx, &peer, &mut tasks, s),
             #[cfg(unix)]
             Stream::Unix(s) => admit_and_spawn(ctx, &peer, &mut tasks, s),
+            Stream::Internal(s) => admit_and_spawn(ctx, &peer, &mut tasks, s),
             #[cfg(feature = "tls")]
             Stream::Tls(tcp, server) => {
                 if let Some(task) = tls::start(ctx, tcp, &server, peer) {
@@ -2424,6 +2498,76 @@ mod tests {
         srv.wait_for("a gone", |st| st.clients.len() == 1).await;
         let mut d = srv.connect().await;
         assert_eq!(pid_reply(&mut d).await, pid);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn in_process_guests_get_in_past_caps_and_allow_lists() {
+        // One TCP slot, and an allow-list no TCP peer here is in.
+        let config = EgdConfig {
+            admission: Admission {
+                max_clients: 1,
+                allow_nets: vec!["192.0.2.0/24".parse().unwrap()],
+                ..Admission::default()
+            },
+            shares: Shares {
+                vhost_user: 3,
+                ..Shares::default()
+            },
+            ..EgdConfig::default()
+        };
+        let (connector, internal) = internal_listener();
+        let (tx, rx) = mpsc::channel(4);
+        let stats = Arc::new(Mutex::new(EgdStats::default()));
+        let l = bind_tcp("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _task = tokio::spawn(serve(
+            vec![EgdListener::Tcp(l), internal],
+            config,
+            rx,
+            stats.clone(),
+            never_closed(),
+        ));
+        tokio::spawn(async move {
+            for i in 0.. {
+                if tx.send(src(i)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut a = connector.connect("guest-a").unwrap();
+        let mut b = connector.connect("guest-b").unwrap();
+        a.write_all(&[0x02, 64]).await.unwrap();
+        b.write_all(&[0x02, 32]).await.unwrap();
+        let got_a = read_n(&mut a, 64).await;
+        let got_b = read_n(&mut b, 32).await;
+        let (na, nb) = (block_numbers(&got_a), block_numbers(&got_b));
+        assert!(na.iter().all(|i| !nb.contains(i)), "a block went to both");
+        // Two guests hold more than max_clients, and a TCP client (not in
+        // the allow-list) is still refused.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut tcp).await);
+        let st = stats.lock().unwrap().clone();
+        assert_eq!(st.refused_not_allowed, 1);
+        let mut guests: Vec<_> = st
+            .clients
+            .iter()
+            .map(|c| (c.peer.clone(), c.listener, c.share, c.bytes_served))
+            .collect();
+        guests.sort();
+        assert_eq!(
+            guests,
+            [
+                ("vhost-user guest-a".to_string(), "vhost-user", 3, 64),
+                ("vhost-user guest-b".to_string(), "vhost-user", 3, 32),
+            ]
+        );
+        // A guest that goes frees its slot.
+        drop(a);
+        let t0 = Instant::now();
+        while stats.lock().unwrap().clients.len() != 1 {
+            assert!(t0.elapsed() < T, "guest-a still listed");
+            sleep(Duration::from_millis(2)).await;
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -3,6 +3,8 @@
 pub mod egd;
 pub mod file;
 pub mod kernel;
+#[cfg(target_os = "linux")]
+pub mod vhost_user;
 
 use std::io;
 use std::path::PathBuf;
@@ -28,6 +30,19 @@ pub enum Error {
     /// The EGD TLS address cannot be bound.
     #[error("--egd-tls {addr}: {source}")]
     EgdTls { addr: String, source: io::Error },
+    /// A vhost-user socket or folder cannot be served.
+    #[error("--{flag} {}: {source}", path.display())]
+    VhostUser {
+        flag: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// Two `--vhost-user-rng` sockets would give guests the same name.
+    #[error("--vhost-user-rng: two sockets named {0:?} (a guest is named after its socket's file)")]
+    VhostUserName(String),
+    /// vhost-user is Linux's.
+    #[error("--vhost-user-rng and --vhost-user-rng-dir are Linux only")]
+    VhostUserUnsupported,
     /// The TLS files cannot be used.
     #[cfg(feature = "tls")]
     #[error(transparent)]
@@ -61,6 +76,148 @@ pub(crate) struct EgdStarted {
     pub(crate) unix_path: Option<PathBuf>,
     /// The TLS listener's settings, to reload.
     pub(crate) tls: TlsReload,
+    /// The vhost-user guests' counters, if any are served.
+    pub(crate) vhost: Option<VhostStats>,
+    /// The vhost-user sockets to remove at the end.
+    pub(crate) vhost_sockets: Vec<PathBuf>,
+}
+
+/// The vhost-user guests' counters.
+#[cfg(target_os = "linux")]
+pub(crate) type VhostStats = vhost_user::SharedStats;
+/// No vhost-user here.
+#[cfg(not(target_os = "linux"))]
+pub(crate) type VhostStats = Arc<Mutex<()>>;
+
+/// The vhost-user guests' counters as JSON (status `vhost_user`).
+pub(crate) fn vhost_json(stats: &VhostStats) -> serde_json::Value {
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+    #[cfg(target_os = "linux")]
+    {
+        stats.to_json()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let () = *stats;
+        serde_json::Value::Null
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl vhost_user::Connector for egd::InternalConnector {
+    fn connect(&self, name: &str) -> Option<tokio::io::DuplexStream> {
+        egd::InternalConnector::connect(self, name)
+    }
+}
+
+/// `--egd-mode` as a number.
+fn socket_mode(o: &Outputs) -> Result<u32, Error> {
+    u32::from_str_radix(o.egd_mode.trim(), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| Error::EgdMode(o.egd_mode.clone()))
+}
+
+/// The vhost-user sockets and folder asked for, and an in-process
+/// listener for their guests.
+#[cfg(target_os = "linux")]
+struct VhostPlan {
+    sockets: Vec<(PathBuf, String)>,
+    /// `--egd-mode` and `--egd-group`, for the sockets.
+    mode: u32,
+    group: Option<u32>,
+    dir: Option<PathBuf>,
+    connector: egd::InternalConnector,
+}
+
+/// Checks the vhost-user options and makes the hub's in-process listener.
+#[cfg(target_os = "linux")]
+fn plan_vhost(
+    o: &Outputs,
+    listeners: &mut Vec<egd::EgdListener>,
+) -> Result<Option<VhostPlan>, Error> {
+    if o.vhost_user_rng.is_empty() && o.vhost_user_rng_dir.is_none() {
+        return Ok(None);
+    }
+    let mut sockets = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for path in &o.vhost_user_rng {
+        let name = path
+            .file_name()
+            .and_then(vhost_user::guest_name)
+            .ok_or_else(|| Error::VhostUser {
+                flag: "vhost-user-rng",
+                path: path.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the socket needs a file name in UTF-8 (it names the guest)",
+                ),
+            })?;
+        if !names.insert(name.clone()) {
+            return Err(Error::VhostUserName(name));
+        }
+        sockets.push((path.clone(), name));
+    }
+    let mode = socket_mode(o)?;
+    let (connector, listener) = egd::internal_listener();
+    listeners.push(listener);
+    Ok(Some(VhostPlan {
+        sockets,
+        mode,
+        group: o.egd_group,
+        dir: o.vhost_user_rng_dir.clone(),
+        connector,
+    }))
+}
+
+/// Serves the planned vhost-user sockets (once the hub runs).
+#[cfg(target_os = "linux")]
+fn start_vhost(plan: VhostPlan) -> Result<(VhostStats, Vec<PathBuf>), Error> {
+    let stats = VhostStats::default();
+    let connector: Arc<dyn vhost_user::Connector> = Arc::new(plan.connector);
+    let runtime = tokio::runtime::Handle::current();
+    let mut paths = Vec::new();
+    for (path, name) in plan.sockets {
+        let at = |source| Error::VhostUser {
+            flag: "vhost-user-rng",
+            path: path.clone(),
+            source,
+        };
+        vhost_user::spawn_socket(
+            &path,
+            &name,
+            connector.clone(),
+            stats.clone(),
+            runtime.clone(),
+        )
+        .map_err(at)?;
+        // Who may connect: as for --egd-unix.
+        if let Some(gid) = plan.group {
+            std::os::unix::fs::chown(&path, None, Some(gid)).map_err(at)?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(plan.mode)).map_err(at)?;
+        info!(
+            "vhost-user-rng: guest {name} on {} (mode {:o})",
+            path.display(),
+            plan.mode
+        );
+        paths.push(path);
+    }
+    if let Some(dir) = plan.dir {
+        vhost_user::spawn_dir(&dir, connector, stats.clone(), runtime).map_err(|source| {
+            Error::VhostUser {
+                flag: "vhost-user-rng-dir",
+                path: dir.clone(),
+                source,
+            }
+        })?;
+        info!(
+            "vhost-user-rng: serving every socket created in {}",
+            dir.display()
+        );
+    }
+    Ok((stats, paths))
 }
 
 /// The TLS listener's settings, if there is one: what SIGHUP and the
@@ -144,6 +301,7 @@ fn egd_config(o: &Outputs) -> egd::EgdConfig {
         match kind.as_str() {
             "tcp" => shares.tcp = *weight,
             "tls" => shares.tls = *weight,
+            "vhost-user" => shares.vhost_user = *weight,
             _ => shares.unix = *weight,
         }
     }
@@ -193,10 +351,7 @@ pub(crate) async fn start_egd(
         listeners.push(egd::EgdListener::Tcp(l));
     }
     if let Some(path) = &o.egd_unix {
-        let mode = u32::from_str_radix(o.egd_mode.trim(), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| Error::EgdMode(o.egd_mode.clone()))?;
+        let mode = socket_mode(o)?;
         let l = egd::bind_unix(path, mode, o.egd_group).map_err(|source| Error::EgdUnix {
             path: path.clone(),
             source,
@@ -206,6 +361,12 @@ pub(crate) async fn start_egd(
         listeners.push(egd::EgdListener::Unix(l));
         #[cfg(not(unix))]
         match l {}
+    }
+    #[cfg(target_os = "linux")]
+    let vhost_plan = plan_vhost(o, &mut listeners)?;
+    #[cfg(not(target_os = "linux"))]
+    if !o.vhost_user_rng.is_empty() || o.vhost_user_rng_dir.is_some() {
+        return Err(Error::VhostUserUnsupported);
     }
     if listeners.is_empty() {
         return Ok(EgdStarted::default());
@@ -219,11 +380,23 @@ pub(crate) async fn start_egd(
             warn!("EGD server stopped: {e}");
         }
     });
+    #[cfg(target_os = "linux")]
+    let (vhost, vhost_sockets) = match vhost_plan {
+        Some(plan) => {
+            let (stats, paths) = start_vhost(plan)?;
+            (Some(stats), paths)
+        }
+        None => (None, Vec::new()),
+    };
+    #[cfg(not(target_os = "linux"))]
+    let (vhost, vhost_sockets) = (None, Vec::new());
     Ok(EgdStarted {
         tx: Some(tx),
         stats: Some(stats),
         unix_path: o.egd_unix.clone(),
         tls,
+        vhost,
+        vhost_sockets,
     })
 }
 
