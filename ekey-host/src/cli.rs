@@ -63,6 +63,15 @@ pub(crate) struct HealthArgs {
     /// (V).
     #[arg(long, value_name = "MIN:MAX", default_value = "2.97:3.63")]
     pub(crate) voltage_limit: String,
+    /// Close the health gate while a key's SP 800-90B min-entropy estimate
+    /// (the least of the six estimators over --min-entropy-window) is below
+    /// this many bits per byte (0 to 8). Off by default.
+    #[arg(long, value_name = "BITS")]
+    pub(crate) min_entropy_floor: Option<f64>,
+    /// Bytes of each key's output the min-entropy estimators look at
+    /// (4096 to 1000000; default the last 1,000,000 bits); 0 turns them off.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::keys::estimate::DEFAULT_WINDOW)]
+    pub(crate) min_entropy_window: usize,
 }
 
 impl HealthArgs {
@@ -81,7 +90,28 @@ impl HealthArgs {
                 max: (hi * 1000.0).round() as i64,
             })
         };
+        use crate::keys::estimate::{MAX_WINDOW, MIN_WINDOW};
+        let window = self.min_entropy_window;
+        if window != 0 && !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
+            return Err(format!(
+                "--min-entropy-window {window}: 0 (off) or {MIN_WINDOW} to {MAX_WINDOW} bytes"
+            ));
+        }
+        let floor = match self.min_entropy_floor {
+            None => 0,
+            Some(_) if window == 0 => {
+                return Err(
+                    "--min-entropy-floor needs the estimators (--min-entropy-window 0 turns them off)"
+                        .into(),
+                );
+            }
+            Some(f) if (0.0..=8.0).contains(&f) => (f * 1000.0).round() as u32,
+            Some(f) => {
+                return Err(format!("--min-entropy-floor {f}: bits per byte, 0 to 8"));
+            }
+        };
         let config = GateConfig {
+            min_entropy_floor_millibits: floor,
             temperature_warn: range("temperature-warn", &self.temperature_warn)?,
             temperature_close: range("temperature-limit", &self.temperature_limit)?,
             voltage_warn: range("voltage-warn", &self.voltage_warn)?,

@@ -203,6 +203,10 @@ fn key_device_metrics(m: &mut Metrics<'_>, keys: &[KeyStatus]) {
         "key_shannons_per_byte",
         "The key's entropy estimate per byte, per generator stream",
     );
+    let min_entropy = m.fgauge(
+        "min_entropy_bits_per_byte",
+        "SP 800-90B min-entropy estimate of the key's output, per estimator (\"min\": the least), over its window",
+    );
     let dev_blocks = m.counter(
         "key_device_fips_blocks",
         "FIPS 140-2 blocks the key tested itself (since its reset)",
@@ -225,6 +229,12 @@ fn key_device_metrics(m: &mut Metrics<'_>, keys: &[KeyStatus]) {
         }
         if let Some(v) = k.info.voltage {
             fset(&volts, &l, f64::from(v.millivolts) / 1000.0);
+        }
+        if let Some(e) = k.min_entropy {
+            fset(&min_entropy, &with(l.clone(), "estimator", "min"), e.min());
+            for (name, v) in e.iter() {
+                fset(&min_entropy, &with(l.clone(), "estimator", name), v);
+            }
         }
         if let Some(sh) = k.info.shannon {
             for (name, v) in [

@@ -47,6 +47,19 @@ pub fn key_json(st: &KeyStatus, now: Instant) -> Value {
             "debiased_right": opt_f32(s.debiased_right_per_byte()),
             "failure_mode": s.failure.to_string(),
         })),
+        "min_entropy_bits_per_byte": st.min_entropy.map(|e| {
+            let mut m = serde_json::Map::new();
+            m.insert("min".into(), json!(round3(e.min())));
+            for (name, v) in e.iter() {
+                m.insert(name.into(), json!(round3(v)));
+            }
+            m.insert("tuple_capped".into(), json!(e.tuple_capped));
+            m.insert(
+                "window_bytes".into(),
+                json!(st.window.lock().unwrap_or_else(|p| p.into_inner()).size()),
+            );
+            Value::Object(m)
+        }),
         "bytes_delivered": st.delivered,
         "entropy_rate_bytes_per_second": (st.delivered as f64 / since_start).round() as u64,
         "mac_failures": c.bad_macs,
@@ -61,6 +74,11 @@ pub fn key_json(st: &KeyStatus, now: Instant) -> Value {
         "health_gate": gate_json(&st.gate),
         "accounting": accounting_json(st),
     })
+}
+
+/// `v` to three decimals.
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }
 
 /// The health gate's state and counters.
@@ -283,6 +301,20 @@ fn render_key(out: &mut String, k: &Value) {
             num(&s["raw_xor"], "", 2),
             num(&s["debiased_left"], "", 2),
             num(&s["debiased_right"], "", 2)
+        );
+    }
+    if let Some(m) = k["min_entropy_bits_per_byte"].as_object() {
+        let _ = writeln!(
+            out,
+            "  min-entropy  {} bits/byte (SP 800-90B over {} bytes: MCV {}, collision {}, Markov {}, compression {}, t-tuple {}, LRS {})",
+            num(&m["min"], "", 3),
+            m["window_bytes"],
+            num(&m["most_common_value"], "", 2),
+            num(&m["collision"], "", 2),
+            num(&m["markov"], "", 2),
+            num(&m["compression"], "", 2),
+            num(&m["t_tuple"], "", 2),
+            num(&m["lrs"], "", 2)
         );
     }
     render_gate(out, &k["health_gate"]);

@@ -171,6 +171,9 @@
 //! [`Event::Entropy`]: crate::host::Event::Entropy
 //! [`Event::Info`]: crate::host::Event::Info
 
+/// NIST SP 800-90B §6.3 min-entropy estimates over a sliding window.
+pub mod min_entropy;
+
 use core::fmt;
 
 use zeroize::Zeroize;
@@ -688,6 +691,10 @@ pub struct GateConfig {
     /// Supply voltage outside this range (millivolts) closes the gate.
     /// Default 2.970 to 3.630 V (3.3 V ± 10 %).
     pub voltage_close: Limits,
+    /// The gate closes while the key's min-entropy estimate (given with
+    /// [`Gate::observe_min_entropy`], in millibits per byte) is below this;
+    /// 0 (the default) turns the rule off.
+    pub min_entropy_floor_millibits: u32,
 }
 
 impl Default for GateConfig {
@@ -717,6 +724,7 @@ impl Default for GateConfig {
                 min: 2970,
                 max: 3630,
             },
+            min_entropy_floor_millibits: 0,
         }
     }
 }
@@ -756,6 +764,14 @@ pub enum CloseReason {
     Voltage {
         /// The reading, in millivolts.
         millivolts: u32,
+    },
+    /// The min-entropy estimate is below
+    /// [`GateConfig::min_entropy_floor_millibits`].
+    MinEntropy {
+        /// The estimate, in millibits per byte.
+        millibits: u32,
+        /// The floor, in millibits per byte.
+        floor: u32,
     },
 }
 
@@ -798,6 +814,12 @@ impl fmt::Display for CloseReason {
                 f.write_str("supply voltage ")?;
                 write_milli(f, i64::from(millivolts), 3)?;
                 f.write_str(" V out of bounds")
+            }
+            CloseReason::MinEntropy { millibits, floor } => {
+                f.write_str("min-entropy estimate ")?;
+                write_milli(f, i64::from(millibits), 3)?;
+                f.write_str(" bits per byte is below the floor of ")?;
+                write_milli(f, i64::from(floor), 3)
             }
         }
     }
@@ -994,6 +1016,8 @@ pub struct Gate {
     device_failure: Option<FailureMode>,
     temperature_bad: Option<i64>,
     voltage_bad: Option<u32>,
+    /// The last min-entropy estimate below the floor, in millibits.
+    min_entropy_low: Option<u32>,
     device_fips: DeviceFips,
     warnings: Warnings,
     counters: GateCounters,
@@ -1050,6 +1074,7 @@ impl Gate {
             device_failure: None,
             temperature_bad: None,
             voltage_bad: None,
+            min_entropy_low: None,
             device_fips: DeviceFips::default(),
             warnings: Warnings::default(),
             counters: GateCounters::default(),
@@ -1272,7 +1297,49 @@ impl Gate {
         if let Some((failures, blocks)) = self.device_fips.tripped {
             return Some(CloseReason::DeviceFipsRate { failures, blocks });
         }
+        if let Some(millibits) = self.min_entropy_low {
+            return Some(CloseReason::MinEntropy {
+                millibits,
+                floor: self.config.min_entropy_floor_millibits,
+            });
+        }
         None
+    }
+
+    /// Takes in a min-entropy estimate of the key's output, in millibits
+    /// per byte (8000 is full entropy). Below
+    /// [`GateConfig::min_entropy_floor_millibits`] the gate closes, and
+    /// stays closed until an estimate at or above the floor and then
+    /// [`GateConfig::reopen_after`] clean blocks. Without a floor it does
+    /// nothing.
+    ///
+    /// ```
+    /// use ekey_proto::health::{CloseReason, Gate, GateConfig};
+    ///
+    /// let mut gate = Gate::new(GateConfig {
+    ///     min_entropy_floor_millibits: 6000,
+    ///     ..GateConfig::default()
+    /// });
+    /// gate.observe_min_entropy(7900);
+    /// assert!(gate.is_open());
+    /// gate.observe_min_entropy(5200);
+    /// assert!(!gate.is_open());
+    /// assert!(matches!(
+    ///     gate.status().reason,
+    ///     Some(CloseReason::MinEntropy { millibits: 5200, floor: 6000 })
+    /// ));
+    /// ```
+    pub fn observe_min_entropy(&mut self, millibits: u32) {
+        let floor = self.config.min_entropy_floor_millibits;
+        self.min_entropy_low = (floor > 0 && millibits < floor).then_some(millibits);
+        if let Some(reason) = self.device_condition() {
+            self.clean = 0;
+            if self.open {
+                self.close(reason);
+            } else {
+                self.reason = Some(reason);
+            }
+        }
     }
 
     /// Closes the gate; what waits for output is discarded.

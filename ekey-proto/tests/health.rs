@@ -1486,3 +1486,61 @@ fn ten_thousand_blocks_from_a_software_key() {
     assert!(out.len() + FIPS_BLOCK_BYTES >= expected.len());
     assert!(out[..] == expected[..out.len()]);
 }
+
+/// `min_entropy_floor_millibits` with the real estimators: a stream that
+/// passes every other test (FIPS, continuous, RCT, APT) but repeats itself
+/// every 2048 bytes has a tiny LRS estimate, and the gate closes on it; once
+/// the window holds fresh bytes again the estimate clears the floor, and
+/// `reopen_after` clean blocks reopen the gate.
+#[test]
+fn a_min_entropy_floor_closes_the_gate_on_a_repeating_stream() {
+    use ekey_proto::health::min_entropy::Estimator;
+    let mut f = Feeder::new(Gate::new(GateConfig {
+        min_entropy_floor_millibits: 4000,
+        reopen_after: 2,
+        ..GateConfig::default()
+    }));
+    let mut est = Estimator::<4096>::new();
+    let mut rng = ChaCha20Rng::seed_from_u64(23);
+    let mut estimates = Vec::new();
+    let mut step = |f: &mut Feeder, data: &[u8]| {
+        f.feed(data);
+        est.push(data);
+        if let Some(e) = est.estimate() {
+            estimates.push(e.min());
+            f.gate.observe_min_entropy((e.min() * 1000.0) as u32);
+        }
+    };
+    let mut fresh = |n: usize| {
+        let mut v = vec![0u8; n];
+        rng.fill_bytes(&mut v);
+        v
+    };
+    step(&mut f, &fresh(2 * FIPS_BLOCK_BYTES));
+    assert!(f.gate.is_open());
+    let chunk = fresh(2048);
+    step(&mut f, &chunk.repeat(3));
+    let s = f.gate.status();
+    assert!(!s.open, "estimates {estimates:?}");
+    let Some(CloseReason::MinEntropy { millibits, floor }) = s.reason else {
+        panic!("closed for {:?}", s.reason);
+    };
+    assert!(millibits < 4000 && floor == 4000);
+    assert!(
+        s.reason
+            .unwrap()
+            .to_string()
+            .starts_with("min-entropy estimate ")
+    );
+    // Nothing but the floor closed it: every FIPS block so far passed.
+    assert!(f.reports.iter().all(|r| r.passed()));
+    // Fresh bytes: the window refills, the estimate clears the floor, and
+    // two clean blocks later the gate is open again.
+    for _ in 0..4 {
+        step(&mut f, &fresh(FIPS_BLOCK_BYTES));
+    }
+    assert!(f.gate.is_open(), "estimates {estimates:?}");
+    assert!(*estimates.last().unwrap() > 4.0);
+    assert_eq!(f.gate.status().counters.times_closed, 1);
+    assert_balanced(&f.gate.status());
+}

@@ -562,6 +562,177 @@ def vmgenid():
     return c
 
 
+# ---- vhost-user-rng: the daemon fills the guest's virtqueue itself ----
+VU_NAME = "vu-guest"       # run's VU_SOCK, vu-guest.sock
+
+
+def pieces_overlap(a, b):
+    """Bytes of the record in both lists of (rec_off, len) pieces."""
+    return sum(max(0, min(i + n, j + m) - max(i, j)) for i, n in a for j, m in b)
+
+
+def latency_figure(name):
+    """NAME.lat/.summary of hwrng-read: bytes/s and per-read p50/p99 (ms)."""
+    lat = [int(l.split()[0]) for l in (read(f"{name}.lat", "r") or "").splitlines() if l.strip()]
+    m = re.search(r"bytes=(\d+) secs=([\d.]+) reads=(\d+)", text(f"{name}.summary") or "")
+    if not lat or not m:
+        return None
+    lat.sort()
+
+    def q(p):
+        return lat[min(len(lat) - 1, round(p * (len(lat) - 1)))] / 1e6
+    n, secs = int(m.group(1)), float(m.group(2))
+    return {"bytes": n, "secs": secs, "bytes_per_s": round(n / secs) if secs else None,
+            "reads": len(lat), "read_p50_ms": round(q(0.50), 3), "read_p99_ms": round(q(0.99), 3),
+            "read_max_ms": round(lat[-1] / 1e6, 3)}
+
+
+def vhost_user_rng():
+    """run's vu_guests: one guest with virtio-rng-pci (rng-egd) and
+    vhost-user-rng-pci, both fed by the daemon of guest-egd; 64 KiB through
+    each; kill -9 of its QEMU; the same guest again (4096 bytes)."""
+    c = Check("vhost-user-rng", "a guest's /dev/hwrng through `--vhost-user-rng` (QEMU "
+              "vhost-user-rng-pci, shared memfd memory) gets the key's bytes; after a kill -9 "
+              "of its QEMU the same guest is served again; the daemon's books add up; "
+              "64 KiB through rng-egd and through vhost-user-rng timed in the same guest")
+    c.logs += ["vhost-user-rng.infra", "egd-daemon.vu.log", "egd-daemon.log", "egd.status.err",
+               "vhost-user/vu-vhost-user.err", "vhost-user-2/vu-vhost-user.err",
+               "../vhost-user.console.log", "../vhost-user-2.console.log"]
+    infra = text("vhost-user-rng.infra")
+    if infra:
+        c.ok(False, "infrastructure: " + infra.replace("\n", "; "))
+    R1, R2 = "vhost-user", "vhost-user-2"
+    dev = {l.split()[0]: l.split() for l in (text(f"{R1}/vu.devices") or "").splitlines() if l.strip()}
+    egd_d, vu_d = dev.get("rng-egd") or [None] * 5, dev.get("vhost-user") or [None] * 5
+    c.ok(egd_d[2] == "0000:00:10.0" and vu_d[2] == "0000:00:11.0" and egd_d[4] and vu_d[4]
+         and egd_d[4] != vu_d[4] and egd_d[4] != "none" and vu_d[4] != "none",
+         f"the guest's devices (bound by hand, one at a time): rng-egd's virtio-rng-pci "
+         f"{egd_d[1]} at {egd_d[2]} ({egd_d[3]}) is {egd_d[4]}, vhost-user-rng-pci {vu_d[1]} at "
+         f"{vu_d[2]} ({vu_d[3]}) is {vu_d[4]}")
+    c.note(f"rng_available {text(f'{R1}/vu.available')!r}; hwrng kernel thread: "
+           f"{'running' if text(f'{R1}/vu.threads') else 'none'}; waited "
+           f"{text(f'{R1}/vu.crng-wait')} s for the CRNG before the reads")
+    rec = read("egd.rec")
+    if rec is None:
+        c.ok(False, "egd.rec missing")
+        return c
+
+    def stream(res, kind, want, name):
+        cur, rc = text(f"{res}/vu-{kind}.current"), text(f"{res}/vu-{kind}.rc")
+        got = read(f"{res}/vu-{kind}.bin") or b""
+        c.ok(cur == name and rc == "0" and len(got) == want,
+             f"{res}: {kind} ({cur}, want {name}): {len(got)} bytes read (want {want}), "
+             f"hwrng-read exit {rc}: {text(f'{res}/vu-{kind}.summary')}")
+        if not got:
+            return []
+        p = hwrng_pieces(got, rec)
+        if isinstance(p, str):
+            c.ok(False, f"{res}: {kind}: {p}")
+            return []
+        gaps = [p[i + 1][0] - p[i][0] - p[i][1] for i in range(len(p) - 1)]
+        c.ok(True, f"{res}: all {len(got)} {kind} bytes are pieces of the record, in order: "
+             f"{len(p)} pieces, shortest {min(n for _, n in p)}, record offsets "
+             f"{p[0][0]}..{p[-1][0] + p[-1][1]}, gaps {gaps[:8]}{'...' if len(gaps) > 8 else ''}")
+        return p
+
+    p_egd = stream(R1, "rng-egd", 65536, egd_d[4])
+    p_vu = stream(R1, "vhost-user", 65536, vu_d[4])
+    dev2 = {l.split()[0]: l.split() for l in (text(f"{R2}/vu.devices") or "").splitlines() if l.strip()}
+    p_vu2 = stream(R2, "vhost-user", 4096, (dev2.get("vhost-user") or [None] * 5)[4])
+    others = {}
+    for label, f in (("guest-egd", "hwrng.bin"), ("egd-tls", "egd-tls/tls.bin")):
+        p = hwrng_pieces(read(f) or b"", rec)
+        others[label] = p if isinstance(p, list) else []
+    others["this guest's rng-egd"] = p_egd
+    shared = {k: pieces_overlap(p_vu + p_vu2, v) for k, v in others.items()}
+    shared["run 1 and run 2"] = pieces_overlap(p_vu, p_vu2)
+    c.ok(bool(p_vu) and bool(p_vu2) and not any(shared.values()),
+         f"none of the vhost-user bytes were also served elsewhere (bytes shared: {shared})")
+
+    # The daemon's status: polled while each guest ran, just before its
+    # kill -9, and after.
+    def vu_of(st):
+        g = [g for g in ((st or {}).get("vhost_user") or {}).get("guests") or []
+             if g.get("name") == VU_NAME]
+        return g[0] if g else {}
+
+    def hub_of(st):
+        return [cl for cl in ((st or {}).get("egd") or {}).get("clients") or []
+                if cl.get("listener") == "vhost-user"]
+
+    def polls(res):
+        d = path(f"{res}.polls")
+        return [load_json(os.path.join(f"{res}.polls", f))
+                for f in (sorted(os.listdir(d)) if os.path.isdir(d) else [])]
+
+    run_served = []
+    base = 0
+    for n, res, want in ((1, R1, 65536), (2, R2, 4096)):
+        ps = [p for p in polls(res) if p]
+        seen = [vu_of(p) for p in ps if vu_of(p).get("connected")]
+        hubs = [h for p in ps for h in hub_of(p)]
+        ids = sorted({h.get("id") for h in hubs}, key=str)
+        c.ok(bool(seen) and all(h.get("peer") == f"vhost-user {VU_NAME}" for h in hubs) and len(ids) == 1,
+             f"run {n}: while it ran ({len(ps)} polls) the daemon listed the guest connected "
+             f"({len(seen)} polls) and one hub client {ids}, listener vhost-user, peer "
+             f"{hubs[-1].get('peer') if hubs else None!r}")
+        bk, ak = load_json(f"{res}.before-kill.json"), load_json(f"{res}.after-kill.json")
+        g, hub = vu_of(bk), hub_of(bk)
+        served = (g.get("bytes_served") or 0) - base
+        c.ok(text(f"{res}.alive") == "running" and g.get("connected") is True
+             and g.get("connections") == n and g.get("hub_connected") is True
+             and g.get("requests_pending") == 0 and len(hub) == 1
+             and hub[0].get("bytes_served") == served and served >= want,
+             f"run {n}, just before the kill -9: connected={g.get('connected')}, connections="
+             f"{g.get('connections')} (want {n}), requests_pending={g.get('requests_pending')}; "
+             f"{served} bytes written into its buffers on this connection (want >= {want}) = "
+             f"{hub[0].get('bytes_served') if hub else None} served by the hub to its client")
+        guest_read = len(read(f"{res}/vu-vhost-user.bin") or b"")
+        c.note(f"run {n}: the guest's own reads took {guest_read} of them; the other "
+               f"{served - guest_read} went to the guest kernel (add_early_randomness on "
+               "selection, the hwrng thread, the buffer left filled)")
+        a = vu_of(ak)
+        c.ok(a.get("connected") is False and a.get("requests_pending") == 0
+             and a.get("bytes_pending") == 0 and a.get("bytes_served") == g.get("bytes_served")
+             and not hub_of(ak),
+             f"run {n}, after the kill -9: connected={a.get('connected')}, requests_pending="
+             f"{a.get('requests_pending')}, bytes_pending={a.get('bytes_pending')}, bytes_served "
+             f"{a.get('bytes_served')} (unchanged), hub clients listed: {len(hub_of(ak))}")
+        run_served.append(served)
+        base = g.get("bytes_served") or 0
+
+    fin = load_json("vhost-user.after.json") or {}
+    v, g = fin.get("vhost_user") or {}, vu_of(fin)
+    rej = (g.get("rejected") or {})
+    c.ok(v.get("bytes_served") == sum(run_served) == g.get("bytes_served")
+         and v.get("requests_pending") == 0 and v.get("connected") == 0 and rej.get("total") == 0
+         and g.get("connections") == 2 and (g.get("requests_served") or 0) > 0,
+         f"the books: vhost_user.bytes_served {v.get('bytes_served')} = the hub's bytes to its "
+         f"two vhost-user clients {' + '.join(map(str, run_served))} = the guest entry's "
+         f"{g.get('bytes_served')}; {g.get('requests_served')} requests served, "
+         f"requests_pending={v.get('requests_pending')}, connected={v.get('connected')}, "
+         f"rejected={rej.get('total')}, returned={g.get('requests_returned')}, "
+         f"hub refusals={g.get('hub_refusals')}")
+
+    fig = {"rng-egd": latency_figure(f"{R1}/vu-rng-egd"),
+           "vhost-user-rng": latency_figure(f"{R1}/vu-vhost-user")}
+    fig["daemon_wait_ms"] = {"p50": g.get("wait_p50_ms"), "p99": g.get("wait_p99_ms")}
+    c.ok(all(fig[k] for k in ("rng-egd", "vhost-user-rng")), "timings recorded")
+    line = "; ".join(
+        f"{k}: {f['bytes_per_s']} B/s over {f['bytes']} bytes, 64-byte read p50 "
+        f"{f['read_p50_ms']} ms p99 {f['read_p99_ms']} ms" for k, f in fig.items()
+        if k != "daemon_wait_ms" and f)
+    c.note(f"FIGURE (same guest, same key, same run): {line}")
+    try:
+        with open(path("vhost-user-rng.figure.json"), "w") as f:
+            json.dump(fig, f, indent=1)
+        with open(path("vhost-user-rng.figure.txt"), "w") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
+    return c
+
+
 def main():
     checks = [
         usb_read("hs", "usb-highspeed", 480, 512),
@@ -575,6 +746,7 @@ def main():
                 "rescan finds the key", 15, "rescan"),
         usb_rekey(),
         vmgenid(),
+        vhost_user_rng(),
     ]
     if INFRA:
         for c in checks:

@@ -354,7 +354,73 @@ show vmgenid.feed.log 6
 show vmgenid.uevents 6
 fi
 
+# ---- vhost-user-rng: /dev/hwrng through vhost-user-rng-pci and through rng-egd ----
+# In a guest of its own (tests/vm/run boots it with vmonly=vu, and after a
+# kill -9 of its QEMU the same guest again with vmonly=vu2): one
+# virtio-rng-pci (rng-egd, the daemon's EGD TCP port) at PCI slot 10 and one
+# vhost-user-rng-pci (the daemon's --vhost-user-rng socket) at slot 11, both
+# virtio entropy devices with the same driver. Autoprobe is off, so each is
+# bound by hand: rng-egd's first, then vhost-user's, and the name each one
+# got is the one that appears in rng_available (/r/vu.devices). The kernel
+# kernel's hwrng thread (/r/vu.threads) competes only until the CRNG is
+# ready: that is waited for first. Each device in turn becomes rng_current and
+# gives 64 KiB to hwrng-read, in 64-byte reads, each timed (/r/vu-NAME.bin,
+# /r/vu-NAME.lat, /r/vu-NAME.summary). vu2: vhost-user's device only, 4096
+# bytes. Then the results go to the disk, and the guest waits to be killed.
+HW=/sys/class/misc/hw_random
+vu_bind() { # KIND SLOT: binds the virtio device at PCI slot SLOT to virtio_rng
+  for d in /sys/bus/virtio/devices/virtio*; do
+    pci=$(readlink -f $d/..)
+    [ "$(basename $pci)" = "0000:00:$2.0" ] || continue
+    before=" $(cat $HW/rng_available) "
+    echo $(basename $d) > /sys/bus/virtio/drivers/virtio_rng/bind || say "vu: bind $(basename $d) FAILED"
+    new=""
+    for n in $(cat $HW/rng_available); do
+      case "$before" in *" $n "*) ;; *) new=$n;; esac
+    done
+    echo "$1 $(basename $d) $(basename $pci) $(cat $pci/vendor):$(cat $pci/device) $new" >> /r/vu.devices
+    return 0
+  done
+  echo "$1 none 0000:00:$2.0 none none" >> /r/vu.devices
+}
+vu_name() { awk -v k=$1 '$1 == k { print $5 }' /r/vu.devices; }
+vu_read() { # KIND BYTES: KIND's device as rng_current, BYTES read in 64-byte reads
+  n=$(vu_name $1)
+  echo $n > $HW/rng_current || say "vu: cannot select $n"
+  cat $HW/rng_current > /r/vu-$1.current
+  hwrng-read /r/vu-$1.bin /r/vu-$1.lat $2 64 30 > /r/vu-$1.summary 2> /r/vu-$1.err
+  echo $? > /r/vu-$1.rc
+  say "vu: $1 ($(cat /r/vu-$1.current)): $(cat /r/vu-$1.summary) (exit $(cat /r/vu-$1.rc))"
+}
+if named vu || named vu2; then
+say "vhost-user-rng"
+echo 0 > /sys/bus/virtio/drivers_autoprobe
+insmod $M/virtio-rng.ko || say "insmod virtio-rng FAILED"
+: > /r/vu.devices
+named vu && vu_bind rng-egd 10
+vu_bind vhost-user 11
+cat /sys/module/rng_core/parameters/default_quality > /r/vu.quality 2>&1
+cat $HW/rng_available > /r/vu.available
+ps -o pid,comm > /r/vu.ps 2>&1 || ps > /r/vu.ps 2>&1
+grep -l '^hwrng$' /proc/[0-9]*/comm > /r/vu.threads 2>/dev/null
+sed 's/^/VM:   /' /r/vu.devices
+# Until the CRNG is ready the kernel's hwrng thread pulls from the current
+# device without pause; once it is, once a minute (add_hwgenerator_randomness):
+# so wait for it (a blocking read) before timing anything.
+t0=$(up)
+timeout 30 head -c 1 /dev/random > /dev/null || say "vu: /dev/random did not become ready"
+echo "$(up) - $t0" | bc > /r/vu.crng-wait
+if named vu; then
+  vu_read rng-egd 65536
+  vu_read vhost-user 65536
+else
+  vu_read vhost-user 4096
+fi
+fi
+
 # ---- hand the results to the runner ----
 dmesg > /r/dmesg.txt
 tar -c -f /dev/vda -C /r . && sync && say "results written"
+# vhost-user-rng's guests wait here for tests/vm/run's kill -9 of QEMU.
+if named vu || named vu2; then sleep 600; fi
 poweroff -f

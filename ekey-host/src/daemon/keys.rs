@@ -60,6 +60,7 @@ pub(crate) fn start_usb_key(
         usb::describe(&info),
         info.serial_number(),
         ctx.gate,
+        ctx.window,
     );
     tokio::spawn(keep_usb_key(info, ctx.clone(), status, seen));
 }
@@ -306,7 +307,13 @@ pub(crate) async fn start_keys(
     statuses: &SharedStatuses,
 ) -> Result<usize, Error> {
     for path in &keys.devices {
-        let status = add_status(statuses, path.display().to_string(), None, ctx.gate);
+        let status = add_status(
+            statuses,
+            path.display().to_string(),
+            None,
+            ctx.gate,
+            ctx.window,
+        );
         tokio::spawn(keep_device(path.clone(), ctx.clone(), status));
     }
     if keys.emulate {
@@ -321,7 +328,13 @@ pub(crate) async fn start_keys(
 
 /// The built-in software key (`--emulate`), over an in-process pipe.
 fn start_emulated(keys: &KeySources, ctx: &Ctx, statuses: &SharedStatuses) -> Result<(), Error> {
-    let status = add_status(statuses, "built-in software key".into(), None, ctx.gate);
+    let status = add_status(
+        statuses,
+        "built-in software key".into(),
+        None,
+        ctx.gate,
+        ctx.window,
+    );
     let (host_end, mut key_end) = tokio::io::duplex(4096);
     let slot = soft::slot_for_rate(keys.rate);
     info!(

@@ -183,6 +183,7 @@ pub(crate) fn add_status(
     transport: String,
     serial: Option<&str>,
     gate: GateConfig,
+    window: usize,
 ) -> SharedStatus {
     let mut list = statuses.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(serial) = serial {
@@ -194,7 +195,7 @@ pub(crate) fn add_status(
             }
         }
     }
-    let mut fresh = KeyStatus::with_gate(transport, gate);
+    let mut fresh = KeyStatus::with_gate(transport, gate, window);
     // Until the key names itself, the serial its USB descriptor gives.
     fresh.serial = serial.and_then(|s| Serial::from_pem(s.as_bytes()).ok());
     let st = Arc::new(Mutex::new(fresh));
@@ -206,6 +207,8 @@ pub(crate) fn add_status(
 #[derive(Clone)]
 pub(crate) struct Ctx {
     pub(crate) gate: GateConfig,
+    /// Bytes of each key's output the min-entropy estimators see.
+    pub(crate) window: usize,
     pub(crate) ring: SharedKeyring,
     pub(crate) tx: mpsc::Sender<Block>,
     pub(crate) fail_tx: mpsc::UnboundedSender<(String, String)>,
@@ -242,13 +245,19 @@ fn gate_for(keys: &KeySources, outputs: &Outputs) -> Result<GateConfig, Error> {
 }
 
 /// The context every key driver gets, and the daemon's ends of its channels.
-fn make_ctx(gate: GateConfig, ring: &SharedKeyring, is_read: bool) -> (Ctx, Channels) {
+fn make_ctx(
+    gate: GateConfig,
+    window: usize,
+    ring: &SharedKeyring,
+    is_read: bool,
+) -> (Ctx, Channels) {
     let (tx, rx) = mpsc::channel::<Block>(64);
     let (fail_tx, fail_rx) = mpsc::unbounded_channel::<(String, String)>();
     let (reload_tx, reload_rx) = tokio::sync::watch::channel(0u64);
     let (released_tx, released_rx) = tokio::sync::watch::channel(Arc::new(BTreeSet::new()));
     let ctx = Ctx {
         gate,
+        window,
         ring: ring.clone(),
         tx,
         fail_tx,
@@ -297,7 +306,12 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
     let (kernel_tx, kernel_stats) = start_kernel(outputs, closes)?;
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(keys)?));
     let out = open_output(outputs.output.as_deref())?;
-    let (ctx, channels) = make_ctx(gate_for(keys, outputs)?, &ring, is_read);
+    let (ctx, channels) = make_ctx(
+        gate_for(keys, outputs)?,
+        keys.health.min_entropy_window,
+        &ring,
+        is_read,
+    );
     let keyed = ctx.keyed.clone();
     let sources = start_keys(keys, ctx, &statuses).await?;
     let mut sockets: Vec<PathBuf> = egd.unix_path.into_iter().collect();

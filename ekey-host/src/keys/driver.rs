@@ -147,17 +147,22 @@ pub struct KeyStatus {
     pub since: std::time::Instant,
     /// When the link last came up.
     pub connected_since: Option<std::time::Instant>,
+    /// The latest SP 800-90B min-entropy estimates of its output.
+    pub min_entropy: Option<ekey_proto::health::min_entropy::Estimates>,
+    /// Its output window for them (see [`crate::keys::estimate`]).
+    pub window: crate::keys::estimate::SharedWindow,
 }
 
 impl KeyStatus {
     /// A fresh status for a key attached through `transport`, with the
     /// default health gate.
     pub fn new(transport: impl Into<String>) -> Self {
-        Self::with_gate(transport, GateConfig::default())
+        Self::with_gate(transport, GateConfig::default(), 0)
     }
 
-    /// A fresh status with a health gate configured so.
-    pub fn with_gate(transport: impl Into<String>, gate: GateConfig) -> Self {
+    /// A fresh status with a health gate configured so, and a window of
+    /// `window` bytes for the min-entropy estimates (0: none).
+    pub fn with_gate(transport: impl Into<String>, gate: GateConfig, window: usize) -> Self {
         let gate = Gate::new(gate);
         KeyStatus {
             gate: gate.status(),
@@ -175,6 +180,8 @@ impl KeyStatus {
             outputs: OutputLedger::default(),
             since: std::time::Instant::now(),
             connected_since: None,
+            min_entropy: None,
+            window: Arc::new(Mutex::new(crate::keys::estimate::Window::new(window))),
         }
     }
 
@@ -764,6 +771,19 @@ fn gate_entropy(
         }
     }
     log_gate_change(serial, before, &gate);
+    let window = status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .window
+        .clone();
+    let due = {
+        let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
+        w.push(data);
+        w.due(std::time::Instant::now())
+    };
+    if let Some(bytes) = due {
+        start_estimate(serial, bytes, window, status.clone(), gate_handle.clone());
+    }
     if !closed {
         let (more, now_closed) = hand_out(&mut gate, serial, status, blocks);
         sent += more;
@@ -779,6 +799,45 @@ fn gate_entropy(
         Err(Delivered::OutputClosed)
     } else {
         Ok(())
+    }
+}
+
+/// Estimates a key's window on tokio's blocking pool (inline without a
+/// runtime), then hands the result to its status and its gate.
+fn start_estimate(
+    serial: Serial,
+    bytes: zeroize::Zeroizing<Vec<u8>>,
+    window: crate::keys::estimate::SharedWindow,
+    status: SharedStatus,
+    gate: SharedGate,
+) {
+    let work = move || {
+        let t0 = std::time::Instant::now();
+        let e = crate::keys::estimate::estimate(&bytes);
+        drop(bytes);
+        if let Some(e) = e {
+            tracing::debug!(
+                "key {serial}: min-entropy {:.3} bits per byte ({} bytes, {:?})",
+                e.min(),
+                window.lock().unwrap_or_else(|p| p.into_inner()).size(),
+                t0.elapsed()
+            );
+            let after = {
+                let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
+                let before = g.is_open();
+                g.observe_min_entropy(crate::keys::estimate::millibits(&e));
+                log_gate_change(serial, before, &g);
+                g.status()
+            };
+            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+            st.min_entropy = Some(e);
+            set_gate(&mut st, after);
+        }
+        window.lock().unwrap_or_else(|p| p.into_inner()).done();
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(work)),
+        Err(_) => work(),
     }
 }
 

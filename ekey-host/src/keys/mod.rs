@@ -3,6 +3,7 @@
 //! over a link.
 
 pub mod driver;
+pub mod estimate;
 pub mod soft;
 pub mod ticker;
 pub mod transport;
