@@ -1243,14 +1243,7 @@ impl Gate {
         if let Some(fips) = info.fips {
             self.observe_device_fips(fips.blocks, fips.failures);
         }
-        if let Some(reason) = self.device_condition() {
-            self.clean = 0;
-            if self.open {
-                self.close(reason);
-            } else {
-                self.reason = Some(reason);
-            }
-        }
+        self.apply_device_condition();
     }
 
     fn observe_device_fips(&mut self, blocks: u32, failures: u32) {
@@ -1280,6 +1273,19 @@ impl Gate {
             // A whole window below the threshold: the condition clears.
             state.tripped = None;
             state.base = Some((blocks, failures));
+        }
+    }
+
+    /// If a device condition holds: closes the gate for it, or (already
+    /// closed) makes it the reason.
+    fn apply_device_condition(&mut self) {
+        if let Some(reason) = self.device_condition() {
+            self.clean = 0;
+            if self.open {
+                self.close(reason);
+            } else {
+                self.reason = Some(reason);
+            }
         }
     }
 
@@ -1332,14 +1338,7 @@ impl Gate {
     pub fn observe_min_entropy(&mut self, millibits: u32) {
         let floor = self.config.min_entropy_floor_millibits;
         self.min_entropy_low = (floor > 0 && millibits < floor).then_some(millibits);
-        if let Some(reason) = self.device_condition() {
-            self.clean = 0;
-            if self.open {
-                self.close(reason);
-            } else {
-                self.reason = Some(reason);
-            }
-        }
+        self.apply_device_condition();
     }
 
     /// Closes the gate; what waits for output is discarded.

@@ -384,6 +384,8 @@ struct Run<'a> {
     rng: getrandom::SysRng,
     /// The key's gate, looked up once rather than per frame.
     gate: SharedGate,
+    /// The key's min-entropy window, likewise.
+    window: crate::keys::estimate::SharedWindow,
     buf: Vec<u8>,
     reload_alive: bool,
     released_alive: bool,
@@ -416,16 +418,16 @@ impl<'a> Run<'a> {
             coalesce,
         } = options;
         let scaled = FAST_READ as u128 * coalesce.as_millis() / READ_INTERVAL.as_millis().max(1);
-        let gate = status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .gate_handle
-            .clone();
+        let (gate, window) = {
+            let st = status.lock().unwrap_or_else(|p| p.into_inner());
+            (st.gate_handle.clone(), st.window.clone())
+        };
         Run {
             base: tokio::time::Instant::now(),
             session: Session::new(config, Instant::from_millis(0)),
             rng: getrandom::SysRng,
             gate,
+            window,
             buf: vec![0u8; 4096],
             reload_alive: true,
             released_alive: true,
@@ -470,6 +472,7 @@ impl<'a> Run<'a> {
             &mut self.session,
             self.status,
             &self.gate,
+            &self.window,
             self.blocks,
             &mut *self.on_event,
         ) {
@@ -676,6 +679,7 @@ fn deliver(
     session: &mut Session,
     status: &SharedStatus,
     gate_handle: &SharedGate,
+    window: &crate::keys::estimate::SharedWindow,
     blocks: &mpsc::Sender<Block>,
     on_event: &mut (dyn FnMut(&KeyStatus, &Event) + Send),
 ) -> Delivered {
@@ -703,7 +707,7 @@ fn deliver(
         match ev {
             Event::Entropy { mut data, .. } => {
                 let serial = session.serial().unwrap_or_default();
-                let pushed = gate_entropy(serial, &data, status, gate_handle, blocks);
+                let pushed = gate_entropy(serial, &data, status, gate_handle, window, blocks);
                 zeroize::Zeroize::zeroize(&mut data);
                 if let Err(outcome) = pushed {
                     return outcome;
@@ -745,6 +749,7 @@ fn gate_entropy(
     data: &[u8; 32],
     status: &SharedStatus,
     gate_handle: &SharedGate,
+    window: &crate::keys::estimate::SharedWindow,
     blocks: &mpsc::Sender<Block>,
 ) -> Result<(), Delivered> {
     let mut gate = gate_handle.lock().unwrap_or_else(|p| p.into_inner());
@@ -771,18 +776,19 @@ fn gate_entropy(
         }
     }
     log_gate_change(serial, before, &gate);
-    let window = status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .window
-        .clone();
     let due = {
         let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
         w.push(data);
         w.due(std::time::Instant::now())
     };
     if let Some(bytes) = due {
-        start_estimate(serial, bytes, window, status.clone(), gate_handle.clone());
+        start_estimate(
+            serial,
+            bytes,
+            window.clone(),
+            status.clone(),
+            gate_handle.clone(),
+        );
     }
     if !closed {
         let (more, now_closed) = hand_out(&mut gate, serial, status, blocks);

@@ -58,20 +58,13 @@ impl Window {
     /// A window of `size` bytes; 0: no estimates.
     pub fn new(size: usize) -> Self {
         Self {
-            ring: Zeroizing::new(Vec::new()),
+            ring: Zeroizing::new(vec![0; size]),
             head: 0,
             len: 0,
             fresh: 0,
             last: None,
             running: false,
         }
-        .sized(size)
-    }
-
-    fn sized(mut self, size: usize) -> Self {
-        self.ring.reserve_exact(size);
-        self.ring.resize(size, 0);
-        self
     }
 
     /// The window's size in bytes (0: off).
