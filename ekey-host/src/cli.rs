@@ -324,9 +324,11 @@ pub(crate) struct Outputs {
     pub(crate) vhost_user_rng_dir: Option<PathBuf>,
     /// Feed the kernel's pool (RNDADDENTROPY on /dev/random, needs
     /// CAP_SYS_ADMIN), crediting this many bits per byte (0..8; 0 mixes
-    /// the bytes in without credit).
-    #[arg(long, value_name = "BITS_PER_BYTE", num_args = 0..=1, default_missing_value = "7")]
-    pub(crate) kernel: Option<u8>,
+    /// the bytes in without credit), or `auto`: each key's bytes get
+    /// floor(its live min-entropy estimate × 7/8), at most 7, and none
+    /// before its first estimate.
+    #[arg(long, value_name = "BITS_PER_BYTE|auto", num_args = 0..=1, default_missing_value = "7")]
+    pub(crate) kernel: Option<crate::outputs::kernel::Credit>,
     /// Once the kernel's generator is ready: mix in 64 bytes this often
     /// (e.g. 10s, 500ms, 2m; a bare number is seconds). Before that, the
     /// key's full rate goes to the kernel.
@@ -585,5 +587,35 @@ mod tests {
         assert_eq!(interval("15"), Ok(Duration::from_secs(15)));
         let err = interval("soon").unwrap_err();
         assert!(err.contains("expected a duration"), "{err}");
+    }
+
+    #[test]
+    fn kernel_takes_bits_or_auto() {
+        use crate::outputs::kernel::Credit;
+        let kernel = |args: &[&str]| {
+            let mut argv = vec!["ekey-host", "run"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv) {
+                Ok(Cli {
+                    command: Command::Run { outputs, .. },
+                    ..
+                }) => Ok(outputs.kernel),
+                Ok(_) => Err("not run".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(kernel(&[]), Ok(None));
+        assert_eq!(kernel(&["--kernel"]), Ok(Some(Credit::Bits(7))));
+        assert_eq!(kernel(&["--kernel=0"]), Ok(Some(Credit::Bits(0))));
+        assert_eq!(kernel(&["--kernel=8"]), Ok(Some(Credit::Bits(8))));
+        assert_eq!(kernel(&["--kernel=auto"]), Ok(Some(Credit::Auto)));
+        assert_eq!(kernel(&["--kernel", "AUTO"]), Ok(Some(Credit::Auto)));
+        for bad in ["9", "-1", "7.5", "half", ""] {
+            let err = kernel(&[&format!("--kernel={bad}")]).unwrap_err();
+            assert!(
+                err.contains("neither bits per byte (0..=8) nor `auto`"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

@@ -40,8 +40,6 @@ pub struct Snapshot {
     pub egd: Option<EgdStats>,
     /// The kernel output's counters, if it runs.
     pub kernel: Option<KernelStats>,
-    /// Bits credited per byte by the kernel output.
-    pub kernel_bits_per_byte: u8,
     /// Bytes written to `--output`.
     pub file_bytes: u64,
     /// The vhost-user guests (status's `vhost_user` document), if served.
@@ -127,7 +125,7 @@ pub fn registry(s: &Snapshot) -> Registry {
         s.file_bytes,
     );
     if let Some(k) = &s.kernel {
-        kernel_metrics(&mut m, k, s.kernel_bits_per_byte, &out_bytes);
+        kernel_metrics(&mut m, k, &out_bytes);
     }
     if let Some(e) = &s.egd {
         egd_metrics(&mut m, e, &out_bytes);
@@ -391,11 +389,7 @@ fn key_output_metrics(m: &mut Metrics<'_>, s: &Snapshot) {
         if let Some(kst) = &s.kernel {
             let accepted = k.booked_in(&kst.bytes_by_key);
             add(&kernel_accepted, &l, accepted);
-            add(
-                &kernel_bits,
-                &l,
-                accepted * u64::from(s.kernel_bits_per_byte),
-            );
+            add(&kernel_bits, &l, k.booked_in(&kst.bits_by_key));
         }
         if let Some(e) = &s.egd {
             let served = k.booked_in(&e.served_by_key);
@@ -404,14 +398,8 @@ fn key_output_metrics(m: &mut Metrics<'_>, s: &Snapshot) {
     }
 }
 
-/// The kernel output's counters (`bits_per_byte` credited per byte), and
-/// its share of `out_bytes`.
-fn kernel_metrics(
-    m: &mut Metrics<'_>,
-    k: &KernelStats,
-    bits_per_byte: u8,
-    out_bytes: &Family<Labels, Counter>,
-) {
+/// The kernel output's counters, and its share of `out_bytes`.
+fn kernel_metrics(m: &mut Metrics<'_>, k: &KernelStats, out_bytes: &Family<Labels, Counter>) {
     let bits = m.counter(
         "kernel_bits_credited",
         "Entropy bits credited to the kernel",
@@ -431,12 +419,7 @@ fn kernel_metrics(
         k.bytes_written,
     );
     add(&bits, &Vec::new(), k.bits_credited);
-    let none = if bits_per_byte == 0 {
-        k.bytes_written
-    } else {
-        0
-    };
-    add(&uncredited, &Vec::new(), none);
+    add(&uncredited, &Vec::new(), k.bytes_uncredited);
     add(&failures, &Vec::new(), k.ioctl_failures);
     add_each(
         &reseeds,

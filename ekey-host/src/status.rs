@@ -117,8 +117,9 @@ pub fn gate_json(g: &GateStatus) -> Value {
 /// bytes go to the EGD server's pool (at most 16 KiB), from which clients
 /// are served. The control socket adds, from the outputs' own books,
 /// `kernel_accepted` and `kernel_bits_credited` (what the kernel took of the
-/// key's bytes, and the credit) and `egd_served` (how many of the key's
-/// bytes EGD clients received).
+/// key's bytes, and the credit), with `--kernel=auto`
+/// `kernel_credit_bits_per_byte` (the credit its latest bytes got), and
+/// `egd_served` (how many of the key's bytes EGD clients received).
 pub fn accounting_json(st: &KeyStatus) -> Value {
     let c = &st.gate.counters;
     let o = &st.outputs;
@@ -201,10 +202,16 @@ pub fn render(doc: &Value) -> String {
     if let Some(k) = doc["kernel"].as_object() {
         let _ = writeln!(
             out,
-            "\nkernel: {}; {} written, {} bits credited, {} ioctl failures; {} reseeds ({} failed)",
+            "\nkernel: {}; credit {}; {} written, {} bits credited, {} mixed in without credit, {} ioctl failures; {} reseeds ({} failed)",
             k["mode"].as_str().unwrap_or("?"),
+            match k["credit"].as_str() {
+                Some("auto") => "auto (7/8 of each key's min-entropy estimate)".to_string(),
+                Some(b) => format!("{b} bits per byte"),
+                None => "?".to_string(),
+            },
             human_bytes(k["bytes_written"].as_u64().unwrap_or(0)),
             k["bits_credited"],
+            human_bytes(k["bytes_uncredited"].as_u64().unwrap_or(0)),
             k["ioctl_failures"],
             k["reseeds"],
             k["reseed_failures"],
@@ -315,6 +322,12 @@ fn render_key(out: &mut String, k: &Value) {
             num(&m["compression"], "", 2),
             num(&m["t_tuple"], "", 2),
             num(&m["lrs"], "", 2)
+        );
+    }
+    if let Some(b) = k["accounting"]["kernel_credit_bits_per_byte"].as_u64() {
+        let _ = writeln!(
+            out,
+            "  kernel       credited {b} bits/byte now (--kernel=auto: 7/8 of the min-entropy estimate)"
         );
     }
     render_gate(out, &k["health_gate"]);

@@ -1,12 +1,13 @@
 //! Live min-entropy estimates in the daemon (issue 18): `status` shows each
 //! key's SP 800-90B estimates, and `--min-entropy-floor` closes the gate
-//! when the estimate is below it; bad values are refused by name.
+//! when the estimate is below it; `--kernel=auto` credits the kernel by
+//! the estimate; bad values are refused by name.
 
 mod support;
 
 use std::process::Command;
 
-use support::{Daemon, Scratch, ekey_host, wait_for};
+use support::{DEMO_KEYRING, Daemon, Emulator, Scratch, ekey_host, wait_for};
 
 #[test]
 fn estimates_are_shown_and_a_floor_above_them_closes_the_gate() {
@@ -80,4 +81,104 @@ fn bad_min_entropy_options_are_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn kernel_auto_credits_nothing_before_the_first_estimate_then_seven_eighths_of_it() {
+    if !is_root() {
+        eprintln!("skipped: feeding the kernel needs root");
+        return;
+    }
+    let dir = Scratch::new("kernel-auto");
+    let ring = dir.write("keyring", DEMO_KEYRING);
+    // 125,000 bytes (the window) take about 3 s at 40 kB/s: the first
+    // mixes come before the first estimate.
+    let emu = Emulator::start(&[
+        "--unix",
+        dir.path("key.sock").to_str().unwrap(),
+        "--rate",
+        "40000",
+    ]);
+    let daemon = Daemon::for_key(
+        &dir,
+        &emu.path,
+        &ring,
+        &["--kernel=auto", "--kernel-interval", "200ms"],
+    );
+    let mut st = serde_json::Value::Null;
+    let ok = wait_for(30, || {
+        st = daemon.status();
+        st["kernel"]["bits_credited"].as_u64().unwrap_or(0) > 0
+    });
+    if !ok
+        && std::fs::read_to_string(dir.path("daemon.log"))
+            .unwrap_or_default()
+            .contains("CAP_SYS_ADMIN")
+    {
+        eprintln!("skipped: root without CAP_SYS_ADMIN here");
+        return;
+    }
+    assert!(ok, "nothing credited: {st}");
+    let k = &st["kernel"];
+    let a = &st["keys"][0]["accounting"];
+    let min = st["keys"][0]["min_entropy_bits_per_byte"]["min"]
+        .as_f64()
+        .expect("credit without an estimate");
+    let credit = a["kernel_credit_bits_per_byte"].as_u64().unwrap();
+    // floor(estimate × 7/8), at most 7 (the built-in key's estimate is
+    // about 7.1: 6 bits per byte).
+    assert_eq!(credit, ((min * 7.0 / 8.0).floor() as u64).min(7), "{st}");
+    assert!((1..=7).contains(&credit), "{st}");
+    let written = k["bytes_written"].as_u64().unwrap();
+    let uncredited = k["bytes_uncredited"].as_u64().unwrap();
+    // Mixes before the first estimate went in without credit; every byte
+    // since got the estimate's credit (one key, one steady estimate).
+    assert!(uncredited >= 64, "nothing mixed before the estimate: {k}");
+    assert_eq!(
+        k["bits_credited"].as_u64().unwrap(),
+        credit * (written - uncredited),
+        "{st}"
+    );
+    assert_eq!(a["kernel_bits_credited"], k["bits_credited"]);
+    assert_eq!(k["ioctl_failures"], 0);
+    assert_eq!(k["credit"], "auto");
+    // And in words.
+    let text = Command::new(ekey_host())
+        .args(["status", "--control"])
+        .arg(dir.path("control"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("credit auto (7/8 of each key's min-entropy estimate)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("credited {credit} bits/byte now")),
+        "{text}"
+    );
+}
+
+#[test]
+fn kernel_auto_without_estimates_is_refused() {
+    let dir = Scratch::new("kernel-auto-bad");
+    let out = Command::new(ekey_host())
+        .args(["run", "--device"])
+        .arg(dir.path("no-such-key"))
+        .args(["--kernel=auto", "--min-entropy-window", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--kernel=auto credits the kernel by the keys' min-entropy estimates, but --min-entropy-window 0 turns them off"),
+        "{err}"
+    );
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

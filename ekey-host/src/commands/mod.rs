@@ -136,7 +136,12 @@ fn apply_ekeyd_config(
         }
     }
     take(&mut outputs.output, s.output.map(Some), given("output"));
-    take(&mut outputs.kernel, s.kernel.map(Some), given("kernel"));
+    take(
+        &mut outputs.kernel,
+        s.kernel
+            .map(|b| Some(crate::outputs::kernel::Credit::Bits(b))),
+        given("kernel"),
+    );
     take(&mut outputs.egd_tcp, s.egd_tcp.map(Some), given("egd_tcp"));
     take(
         &mut outputs.egd_unix,

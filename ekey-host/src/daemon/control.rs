@@ -169,8 +169,8 @@ pub(crate) struct Daemon {
     /// The EGD TLS listener's files.
     pub(crate) tls: crate::outputs::TlsReload,
     pub(crate) kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
-    /// Bits credited per byte by the kernel output.
-    pub(crate) kernel_bits: u8,
+    /// What the kernel output credits (`--kernel`).
+    pub(crate) kernel_credit: Option<kernel::Credit>,
     /// The vhost-user guests' counters.
     pub(crate) vhost: Option<crate::outputs::VhostStats>,
 }
@@ -251,14 +251,18 @@ impl Daemon {
                     let a = &mut entry["accounting"];
                     a["kernel_accepted"] = serde_json::json!(accepted);
                     a["kernel_withdrawn"] = serde_json::json!(withdrawn);
-                    a["kernel_bits_credited"] =
-                        serde_json::json!(accepted * u64::from(self.kernel_bits));
+                    a["kernel_bits_credited"] = serde_json::json!(st.booked_in(&k.bits_by_key));
+                    if let Some(b) = st.serial.and_then(|s| k.credit_by_key.get(&s)) {
+                        a["kernel_credit_bits_per_byte"] = serde_json::json!(b);
+                    }
                 }
             }
             doc["kernel"] = serde_json::json!({
                 "mode": k.mode.to_string(),
+                "credit": self.kernel_credit.map(|c| c.to_string()),
                 "bytes_written": k.bytes_written,
                 "bits_credited": k.bits_credited,
+                "bytes_uncredited": k.bytes_uncredited,
                 "ioctl_failures": k.ioctl_failures,
                 "reseeds": k.reseeds,
                 "reseed_failures": k.reseed_failures,

@@ -53,6 +53,13 @@ pub enum Error {
     /// A bad health-gate setting (the message names the flag).
     #[error("{0}")]
     Health(String),
+    /// `--kernel=auto` with the estimates turned off.
+    #[error(
+        "--kernel=auto credits the kernel by the keys' min-entropy estimates, but \
+         --min-entropy-window 0 turns them off: give a window (at least 4096 bytes) or \
+         a fixed credit (--kernel=BITS)"
+    )]
+    KernelAutoWithoutEstimates,
     /// `--kernel` with `--emulate`.
     #[error(
         "--kernel with --emulate would credit the kernel with bytes from its own \
@@ -167,6 +174,23 @@ pub(crate) fn gate_closes(statuses: &SharedStatuses) -> driver::GateCloses {
     })
 }
 
+/// `--kernel=auto`'s credit for each key: from the least of its latest
+/// min-entropy estimates ([`kernel::auto_bits`]; 0 before the first).
+pub(crate) fn auto_credits(statuses: &SharedStatuses) -> kernel::KeyCredits {
+    let statuses = statuses.clone();
+    Arc::new(move |serial: &Serial| {
+        let list = statuses.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .filter_map(|st| {
+                let st = st.lock().unwrap_or_else(|p| p.into_inner());
+                (st.serial == Some(*serial))
+                    .then(|| kernel::auto_bits(st.min_entropy.map(|e| e.min())))
+            })
+            .min()
+            .unwrap_or(0)
+    })
+}
+
 pub(crate) fn snapshot(statuses: &SharedStatuses) -> Vec<KeyStatus> {
     statuses
         .lock()
@@ -230,15 +254,16 @@ struct Channels {
 /// cutoffs for the credit `--kernel` gives.
 fn gate_for(keys: &KeySources, outputs: &Outputs) -> Result<GateConfig, Error> {
     let mut gate = keys.health.gate_config().map_err(Error::Health)?;
-    if let Some(bits) = outputs.kernel {
+    if let Some(credit) = outputs.kernel {
         // The SP 800-90B tests check the min-entropy we credit: cutoffs
         // for the credited bits per byte (α = 2⁻⁴⁰, W = 512; see
         // ekey_proto::health), the defaults being those for 7; for 6 or
-        // fewer, those for 6 (stricter than such a credit needs).
-        (gate.rct_cutoff, gate.apt_cutoff) = match bits {
-            8 => (6, 19),
-            7 => (7, 26),
-            _ => (8, 35),
+        // fewer, those for 6 (stricter than such a credit needs). `auto`
+        // credits at most 7.
+        (gate.rct_cutoff, gate.apt_cutoff) = match credit {
+            kernel::Credit::Bits(8) => (6, 19),
+            kernel::Credit::Bits(7) | kernel::Credit::Auto => (7, 26),
+            kernel::Credit::Bits(_) => (8, 35),
         };
     }
     Ok(gate)
@@ -303,7 +328,14 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
     if outputs.kernel.is_some() && keys.emulate {
         return Err(Error::KernelWithEmulate);
     }
-    let (kernel_tx, kernel_stats) = start_kernel(outputs, closes)?;
+    if outputs.kernel == Some(kernel::Credit::Auto) && keys.health.min_entropy_window == 0 {
+        return Err(Error::KernelAutoWithoutEstimates);
+    }
+    let lookups = kernel::KeyLookups {
+        closes,
+        credits: Some(auto_credits(&statuses)),
+    };
+    let (kernel_tx, kernel_stats) = start_kernel(outputs, lookups)?;
     let ring: SharedKeyring = Arc::new(RwLock::new(load_keyring(keys)?));
     let out = open_output(outputs.output.as_deref())?;
     let (ctx, channels) = make_ctx(
@@ -327,7 +359,7 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
         egd: egd_stats.clone(),
         tls: egd.tls.clone(),
         kernel: kernel_stats.clone(),
-        kernel_bits: outputs.kernel.unwrap_or(0),
+        kernel_credit: outputs.kernel,
         vhost: egd.vhost.clone(),
     };
     if !is_read {
@@ -335,13 +367,11 @@ async fn start(keys: &KeySources, outputs: &Outputs, is_read: bool) -> Result<St
     }
     if let Some(addr) = &outputs.metrics {
         let file = out.as_ref().map(|o| o.written.clone());
-        let kernel_bits = outputs.kernel.unwrap_or(0);
         let outs = MetricsOutputs {
             egd: egd_stats,
             kernel: kernel_stats,
             vhost: egd.vhost.clone(),
             file,
-            kernel_bits,
         };
         start_metrics(addr, &statuses, outs).await?;
     }
@@ -374,7 +404,6 @@ struct MetricsOutputs {
     kernel: Option<Arc<Mutex<kernel::KernelStats>>>,
     vhost: Option<crate::outputs::VhostStats>,
     file: Option<Arc<std::sync::atomic::AtomicU64>>,
-    kernel_bits: u8,
 }
 
 /// Serves `/metrics` on `addr`.
@@ -388,7 +417,6 @@ async fn start_metrics(
         kernel,
         vhost,
         file,
-        kernel_bits: kernel_bits_per_byte,
     } = outs;
     let listener = egd::bind_tcp(addr).await.map_err(|source| Error::Metrics {
         addr: addr.to_string(),
@@ -406,7 +434,6 @@ async fn start_metrics(
         kernel: kernel
             .as_ref()
             .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()).clone()),
-        kernel_bits_per_byte,
         vhost_user: vhost.as_ref().map(crate::outputs::vhost_json),
         file_bytes: file
             .as_ref()

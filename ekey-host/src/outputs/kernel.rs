@@ -95,12 +95,80 @@ const RNDRESEEDCRNG: nix::sys::ioctl::ioctl_num_type =
 #[cfg(target_os = "linux")]
 const NEEDS_ROOT: &str = "feeding the kernel needs root (CAP_SYS_ADMIN)";
 
+/// What `--kernel` credits per byte: a fixed number of bits, or `auto`,
+/// which follows each key's live min-entropy estimate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credit {
+    /// This many bits per byte, 0..=8 (0 mixes bytes in without credit).
+    Bits(u8),
+    /// Each key's bytes are credited floor(its SP 800-90B min-entropy
+    /// estimate × 7/8) bits per byte, never above 7, and nothing before its
+    /// first estimate (`--kernel=auto`; see [`auto_bits`]).
+    Auto,
+}
+
+impl Default for Credit {
+    fn default() -> Self {
+        Credit::Bits(7)
+    }
+}
+
+impl fmt::Display for Credit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credit::Bits(b) => write!(f, "{b}"),
+            Credit::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for Credit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Credit::Auto);
+        }
+        match s.parse::<u8>() {
+            Ok(b) if b <= 8 => Ok(Credit::Bits(b)),
+            _ => Err(format!(
+                "{s:?} is neither bits per byte (0..=8) nor `auto` (follow the keys' \
+                 min-entropy estimates)"
+            )),
+        }
+    }
+}
+
+/// The most `--kernel=auto` credits per byte.
+pub const AUTO_MAX_BITS: u8 = 7;
+
+/// `--kernel=auto`'s credit for a key whose least SP 800-90B min-entropy
+/// estimate is `min_entropy` bits per byte: floor(estimate × 7/8), never
+/// above [`AUTO_MAX_BITS`]; 0 without an estimate (or a nonsensical one).
+pub fn auto_bits(min_entropy: Option<f64>) -> u8 {
+    match min_entropy {
+        Some(h) if h.is_finite() && h > 0.0 => {
+            // `as` saturates; the floor of 7/8 of at most 8 bits is 7.
+            ((h * 7.0 / 8.0).floor() as u8).min(AUTO_MAX_BITS)
+        }
+        _ => 0,
+    }
+}
+
+/// For `--kernel=auto`: the bits per byte to credit a key's bytes with now
+/// (from [`auto_bits`] of its latest estimate).
+pub type KeyCredits = Arc<dyn Fn(&ekey_proto::keys::Serial) -> u8 + Send + Sync>;
+
 /// How the kernel is fed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelConfig {
     /// Entropy credited per byte, 0..=8 (default 7; 0 mixes bytes in
-    /// without credit).
+    /// without credit). With `auto`, the most any key's bytes get.
     pub bits_per_byte: u8,
+    /// Whether each key's bytes are credited by its min-entropy estimate
+    /// (`--kernel=auto`, looked up by [`run_with`]'s `credits`), at most
+    /// `bits_per_byte`.
+    pub auto: bool,
     /// Pace once the CRNG is initialised (default 10 s).
     pub interval: Duration,
     /// Bytes mixed in per `interval` once initialised (default 64).
@@ -117,6 +185,7 @@ impl Default for KernelConfig {
     fn default() -> Self {
         KernelConfig {
             bits_per_byte: 7,
+            auto: false,
             interval: Duration::from_secs(10),
             bytes_per_interval: 64,
             chunk: 256,
@@ -147,6 +216,19 @@ impl KernelConfig {
             bits_per_byte,
             ..KernelConfig::default()
         })
+    }
+
+    /// The defaults for `credit`: `auto` credits at most
+    /// [`AUTO_MAX_BITS`], each key's bytes by its estimate.
+    pub fn for_credit(credit: Credit) -> Result<Self, ConfigError> {
+        match credit {
+            Credit::Bits(b) => Self::new(b),
+            Credit::Auto => Ok(KernelConfig {
+                bits_per_byte: AUTO_MAX_BITS,
+                auto: true,
+                ..KernelConfig::default()
+            }),
+        }
     }
 
     /// Sets the pace used once the CRNG is initialised; both must be non-zero.
@@ -235,6 +317,15 @@ pub struct KernelStats {
     /// Bytes dropped before they reached the kernel because their key's
     /// health gate closed after they were released, by key.
     pub withdrawn_by_key: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    /// Bits credited with the bytes of each key (kept by [`run`]).
+    pub bits_by_key: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    /// With `--kernel=auto`: the bits per byte each key's latest bytes were
+    /// credited with (kept by [`run`]).
+    pub credit_by_key: std::collections::BTreeMap<ekey_proto::keys::Serial, u8>,
+    /// Bytes the kernel accepted without any credit (`--kernel=0`, a key
+    /// not yet estimated under `--kernel=auto`, a kernel that keeps no
+    /// count).
+    pub bytes_uncredited: u64,
 }
 
 /// Where entropy goes: the kernel ([`RandomDevice`]) or a fake in tests.
@@ -526,19 +617,52 @@ impl KernelFeeder {
         sink: &mut impl EntropySink,
         bytes: &[u8],
     ) -> io::Result<()> {
+        self.feed_with(now, sink, bytes, None)
+    }
+
+    /// [`KernelFeeder::feed`], crediting `bits` bits for all of `bytes`
+    /// instead of `bits_per_byte` per byte (`--kernel=auto`: the sum of
+    /// each key's share). Never more than 8 bits per byte are credited; a
+    /// sink that keeps no count ([`EntropySink::credits`]) gets none.
+    pub fn feed_credited(
+        &mut self,
+        now: Instant,
+        sink: &mut impl EntropySink,
+        bytes: &[u8],
+        bits: u64,
+    ) -> io::Result<()> {
+        self.feed_with(now, sink, bytes, Some(bits))
+    }
+
+    fn feed_with(
+        &mut self,
+        now: Instant,
+        sink: &mut impl EntropySink,
+        bytes: &[u8],
+        total_bits: Option<u64>,
+    ) -> io::Result<()> {
         let ready = matches!(self.stats.mode, Mode::Topping { .. });
         let mut mixed = false;
         let mut result = Ok(());
         for piece in bytes.chunks(self.config.chunk()) {
-            let bits = if sink.credits() {
-                self.config.credit(piece.len())
-            } else {
-                0
+            let bits = match total_bits {
+                _ if !sink.credits() => 0,
+                None => self.config.credit(piece.len()),
+                // This piece's share, rounded down, never above 8 per byte.
+                Some(total) => {
+                    let share =
+                        u128::from(total) * piece.len() as u128 / bytes.len().max(1) as u128;
+                    let share = share.min(8 * piece.len() as u128);
+                    u32::try_from(share).unwrap_or(u32::MAX)
+                }
             };
             match sink.add_entropy(piece, bits) {
                 Ok(()) => {
                     self.stats.bytes_written += piece.len() as u64;
                     self.stats.bits_credited += u64::from(bits);
+                    if bits == 0 {
+                        self.stats.bytes_uncredited += piece.len() as u64;
+                    }
                     self.fresh = self.fresh.saturating_sub(piece.len());
                     mixed |= !piece.is_empty();
                 }
@@ -604,15 +728,38 @@ impl KernelFeeder {
 /// lack of permission; other ioctl failures are counted and logged.
 ///
 /// Every block in `source` must have passed the health checks.
+///
+/// With [`KernelConfig::auto`], `keys.credits` gives each key's credit.
 pub async fn run(
     config: KernelConfig,
     source: mpsc::Receiver<KeyBlock>,
     stats: Arc<Mutex<KernelStats>>,
-    closes: GateCloses,
+    keys: KeyLookups,
 ) -> io::Result<()> {
     let sink = RandomDevice::open()?;
     let generations = crate::vmgenid::watch_or_say("kernel");
-    run_with(config, source, stats, sink, closes, generations).await
+    run_with(config, source, stats, sink, keys, generations).await
+}
+
+/// What the kernel output asks of the keys as it goes.
+#[derive(Clone)]
+pub struct KeyLookups {
+    /// How many times each key's health gate has closed (to withdraw bytes
+    /// released before a closing).
+    pub closes: GateCloses,
+    /// With `--kernel=auto`: the bits per byte to credit each key's bytes
+    /// with; without, unused.
+    pub credits: Option<KeyCredits>,
+}
+
+impl KeyLookups {
+    /// Fixed credit: only the gates' closings are looked up.
+    pub fn fixed(closes: GateCloses) -> Self {
+        KeyLookups {
+            closes,
+            credits: None,
+        }
+    }
 }
 
 /// The kernel output's side of withdrawing bytes whose key's gate closed
@@ -681,9 +828,11 @@ pub async fn run_with(
     mut source: mpsc::Receiver<KeyBlock>,
     stats: Arc<Mutex<KernelStats>>,
     mut sink: impl EntropySink,
-    closes: GateCloses,
+    keys: KeyLookups,
     mut generations: Option<tokio::sync::watch::Receiver<u64>>,
 ) -> io::Result<()> {
+    let KeyLookups { closes, credits } = keys;
+    let credits = credits.filter(|_| config.auto);
     let mut feeder = KernelFeeder::new(config, Instant::now(), sink.initialised());
     tracing::info!("kernel: {}", feeder.mode());
     *stats.lock().unwrap_or_else(|e| e.into_inner()) = feeder.stats().clone();
@@ -696,7 +845,7 @@ pub async fn run_with(
         + 32;
     let mut pending = WipeQueue::with_capacity(most);
     let mut pending_keys = crate::outputs::egd::Runs::default();
-    let mut by_key = std::collections::BTreeMap::new();
+    let mut books = Books::default();
     let mut withdrawn = Withdrawals::default();
     let chunk = feeder.config.chunk();
     loop {
@@ -738,11 +887,11 @@ pub async fn run_with(
             &mut sink,
             &mut pending,
             &mut pending_keys,
-            &mut by_key,
-            want,
-            chunk,
+            &mut books,
+            credits.as_ref(),
+            (want, chunk),
         );
-        publish_stats(&stats, &feeder, &by_key, &withdrawn);
+        publish_stats(&stats, &feeder, &books, &withdrawn);
         if *feeder.mode() != before {
             tracing::info!("kernel: {}", feeder.mode());
         }
@@ -779,32 +928,44 @@ fn note_generations(
     }
 }
 
+/// What the kernel took of each key: bytes, bits credited, and (auto) the
+/// credit per byte its latest bytes got.
+#[derive(Default)]
+struct Books {
+    bytes: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    bits: std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    credit: std::collections::BTreeMap<ekey_proto::keys::Serial, u8>,
+}
+
 /// Shows the feeder's counters in `stats`, with what the kernel accepted
-/// (`by_key`) and what was withdrawn of each key.
+/// of each key (`books`) and what was withdrawn of each.
 fn publish_stats(
     stats: &Mutex<KernelStats>,
     feeder: &KernelFeeder,
-    by_key: &std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
+    books: &Books,
     withdrawn: &Withdrawals,
 ) {
     let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
     *st = feeder.stats().clone();
-    st.bytes_by_key = by_key.clone();
+    st.bytes_by_key.clone_from(&books.bytes);
+    st.bits_by_key.clone_from(&books.bits);
+    st.credit_by_key.clone_from(&books.credit);
     st.withdrawn_by_key = withdrawn.by_key.clone();
 }
 
 /// Writes up to `want` of the `pending` bytes (and their keys) to the
 /// kernel, one write per `chunk` bytes, so that each key is booked in
-/// `by_key` only the bytes the kernel accepted; the error of the last
-/// write that failed, if any.
+/// `books` only the bytes the kernel accepted and the bits they were
+/// credited (each key's from `credits` with `--kernel=auto`); the error
+/// of the last write that failed, if any.
 fn write_pending(
     feeder: &mut KernelFeeder,
     sink: &mut impl EntropySink,
     pending: &mut WipeQueue,
     pending_keys: &mut crate::outputs::egd::Runs,
-    by_key: &mut std::collections::BTreeMap<ekey_proto::keys::Serial, u64>,
-    want: usize,
-    chunk: usize,
+    books: &mut Books,
+    credits: Option<&KeyCredits>,
+    (want, chunk): (usize, usize),
 ) -> io::Result<()> {
     let take = want.min(pending.len());
     let mut bytes = Zeroizing::new(vec![0u8; take]);
@@ -812,12 +973,35 @@ fn write_pending(
     pending.discard_front(take);
     let mut result = Ok(());
     let now = Instant::now();
+    let most = feeder.config.bits_per_byte.min(8);
+    let counted = sink.credits();
     for piece in bytes.chunks(chunk) {
         let keys = pending_keys.take_front(piece.len());
-        match feeder.feed(now, sink, piece) {
+        // Each run's bits per byte: its key's estimate, or the fixed credit.
+        let per_byte: Vec<u8> = keys
+            .iter()
+            .map(|(key, _)| credits.map_or(most, |c| c(key).min(most)))
+            .collect();
+        let written = match credits {
+            Some(_) => {
+                let bits = keys
+                    .iter()
+                    .zip(&per_byte)
+                    .map(|((_, n), &b)| *n as u64 * u64::from(b))
+                    .sum();
+                feeder.feed_credited(now, sink, piece, bits)
+            }
+            None => feeder.feed(now, sink, piece),
+        };
+        match written {
             Ok(()) => {
-                for (key, n) in keys {
-                    *by_key.entry(key).or_insert(0) += n as u64;
+                for ((key, n), b) in keys.into_iter().zip(per_byte) {
+                    *books.bytes.entry(key).or_insert(0) += n as u64;
+                    let bits = if counted { n as u64 * u64::from(b) } else { 0 };
+                    *books.bits.entry(key).or_insert(0) += bits;
+                    if credits.is_some() {
+                        books.credit.insert(key, b);
+                    }
                 }
             }
             Err(e) => result = Err(e),
@@ -1144,7 +1328,14 @@ mod tests {
             ..FakeSink::default()
         };
         let never: GateCloses = Arc::new(|_: &ekey_proto::keys::Serial| 0);
-        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, never, None));
+        let task = tokio::spawn(run_with(
+            config,
+            rx,
+            stats.clone(),
+            sink,
+            KeyLookups::fixed(never),
+            None,
+        ));
         // Filling takes whatever comes; then one topping mix is due after
         // an hour, so the rest stays in the channel (backpressure).
         // Two keys, alternating blocks.
@@ -1200,7 +1391,14 @@ mod tests {
                 }
             })
         };
-        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, closes, None));
+        let task = tokio::spawn(run_with(
+            config,
+            rx,
+            stats.clone(),
+            sink,
+            KeyLookups::fixed(closes),
+            None,
+        ));
         tx.send(kb(1, a, 0)).await.unwrap();
         tx.send(kb(2, b, 0)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1225,6 +1423,136 @@ mod tests {
         assert_eq!(s.bytes_by_key.get(&a), Some(&64), "{s:?}");
         assert!(s.bytes_by_key.get(&b).copied().unwrap_or(0) >= 64, "{s:?}");
         assert_eq!(s.bits_credited, s.bytes_written * 7);
+        task.abort();
+    }
+
+    #[test]
+    fn auto_credits_seven_eighths_of_the_estimate_rounded_down() {
+        for (estimate, bits) in [
+            (None, 0),
+            (Some(f64::NAN), 0),
+            (Some(-1.0), 0),
+            (Some(0.0), 0),
+            (Some(1.14), 0),
+            (Some(1.15), 1),
+            (Some(2.3), 2),
+            (Some(6.857), 5),
+            (Some(6.858), 6),
+            (Some(7.12), 6),
+            (Some(7.999), 6),
+            (Some(8.0), 7),
+            (Some(9.0), 7),
+            (Some(f64::INFINITY), 0),
+        ] {
+            assert_eq!(auto_bits(estimate), bits, "{estimate:?}");
+        }
+        let auto = KernelConfig::for_credit(Credit::Auto).unwrap();
+        assert!(auto.auto);
+        assert_eq!(auto.bits_per_byte, AUTO_MAX_BITS);
+        assert_eq!(
+            KernelConfig::for_credit(Credit::Bits(9)),
+            Err(ConfigError::BitsPerByte(9))
+        );
+        assert_eq!("auto".parse(), Ok(Credit::Auto));
+        assert_eq!(Credit::Auto.to_string(), "auto");
+        assert_eq!("5".parse::<Credit>().map(|c| c.to_string()), Ok("5".into()));
+    }
+
+    #[test]
+    fn feed_credited_shares_its_bits_and_never_credits_above_eight() {
+        let t0 = Instant::now();
+        let config = KernelConfig {
+            chunk: 100,
+            ..KernelConfig::default()
+        };
+        let mut sink = FakeSink::default();
+        let mut feeder = KernelFeeder::new(config, t0, false);
+        feeder
+            .feed_credited(t0, &mut sink, &[0; 250], 1000)
+            .unwrap();
+        assert_eq!(sink.written, vec![(100, 400), (100, 400), (50, 200)]);
+        feeder.feed_credited(t0, &mut sink, &[0; 10], 1000).unwrap();
+        assert_eq!(sink.written.last(), Some(&(10, 80)));
+        feeder.feed_credited(t0, &mut sink, &[0; 30], 0).unwrap();
+        let s = feeder.stats();
+        assert_eq!(s.bits_credited, 1000 + 80);
+        assert_eq!(s.bytes_uncredited, 30);
+        assert_eq!(s.bytes_written, 290);
+    }
+
+    #[tokio::test]
+    async fn auto_credits_each_key_by_its_estimate() {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        let (tx, rx) = mpsc::channel(64);
+        let stats = Arc::new(Mutex::new(KernelStats::default()));
+        // Filling throughout, in writes of 64 bytes (two blocks).
+        let config = KernelConfig {
+            chunk: 64,
+            ..KernelConfig::for_credit(Credit::Auto).unwrap()
+        };
+        let sink = FakeSink {
+            init_after: usize::MAX,
+            ..FakeSink::default()
+        };
+        let (a, b) = (
+            ekey_proto::keys::Serial([1; 12]),
+            ekey_proto::keys::Serial([2; 12]),
+        );
+        // A has no estimate yet; B's gives 6 bits per byte.
+        let a_bits = Arc::new(AtomicU8::new(0));
+        let credits: KeyCredits = {
+            let a_bits = a_bits.clone();
+            Arc::new(move |k: &ekey_proto::keys::Serial| {
+                if *k == a {
+                    a_bits.load(Ordering::SeqCst)
+                } else {
+                    6
+                }
+            })
+        };
+        let keys = KeyLookups {
+            closes: Arc::new(|_: &ekey_proto::keys::Serial| 0),
+            credits: Some(credits),
+        };
+        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, keys, None));
+        let settle = || tokio::time::sleep(Duration::from_millis(50));
+        // Two of A's blocks: one write, no credit.
+        tx.send(kb(1, a, 0)).await.unwrap();
+        tx.send(kb(1, a, 0)).await.unwrap();
+        settle().await;
+        let s = stats.lock().unwrap().clone();
+        assert_eq!(
+            (s.bytes_written, s.bits_credited, s.bytes_uncredited),
+            (64, 0, 64),
+            "{s:?}"
+        );
+        // A and B in one write: only B's half is credited.
+        tx.send(kb(2, a, 0)).await.unwrap();
+        tx.send(kb(3, b, 0)).await.unwrap();
+        settle().await;
+        let s = stats.lock().unwrap().clone();
+        assert_eq!(
+            (s.bytes_written, s.bits_credited, s.bytes_uncredited),
+            (128, 32 * 6, 64),
+            "{s:?}"
+        );
+        // A's estimate arrives, and would give 8: auto gives at most 7.
+        a_bits.store(8, Ordering::SeqCst);
+        tx.send(kb(4, a, 0)).await.unwrap();
+        tx.send(kb(5, b, 0)).await.unwrap();
+        settle().await;
+        let s = stats.lock().unwrap().clone();
+        assert_eq!(s.bits_credited, 32 * 6 + 32 * 7 + 32 * 6, "{s:?}");
+        assert_eq!(s.bits_by_key.get(&a), Some(&(32 * 7)));
+        assert_eq!(s.bits_by_key.get(&b), Some(&(2 * 32 * 6)));
+        assert_eq!(s.bytes_by_key.get(&a), Some(&(4 * 32)));
+        assert_eq!(s.credit_by_key.get(&a), Some(&7));
+        assert_eq!(s.credit_by_key.get(&b), Some(&6));
+        assert_eq!(
+            s.bits_by_key.values().sum::<u64>(),
+            s.bits_credited,
+            "the keys' books add up"
+        );
         task.abort();
     }
 

@@ -404,7 +404,7 @@ pub(crate) async fn start_egd(
 #[allow(clippy::type_complexity)]
 pub(crate) fn start_kernel(
     o: &Outputs,
-    closes: driver::GateCloses,
+    keys: kernel::KeyLookups,
 ) -> Result<
     (
         Option<mpsc::Sender<kernel::KeyBlock>>,
@@ -412,10 +412,10 @@ pub(crate) fn start_kernel(
     ),
     Error,
 > {
-    let Some(bits) = o.kernel else {
+    let Some(credit) = o.kernel else {
         return Ok((None, None));
     };
-    let config = kernel::KernelConfig::new(bits)?
+    let config = kernel::KernelConfig::for_credit(credit)?
         .with_pace(64, o.kernel_interval)
         .map_err(|_| Error::KernelInterval)?
         .with_reseed(o.kernel_reseed_interval);
@@ -425,13 +425,17 @@ pub(crate) fn start_kernel(
     let (tx, rx) = mpsc::channel::<kernel::KeyBlock>(8);
     let st = stats.clone();
     let generations = crate::vmgenid::watch_or_say("kernel");
-    if bits == 0 {
-        info!("feeding the kernel without credit (--kernel=0)");
-    } else {
-        info!("feeding the kernel, crediting {bits} bits per byte");
+    match credit {
+        kernel::Credit::Bits(0) => info!("feeding the kernel without credit (--kernel=0)"),
+        kernel::Credit::Bits(bits) => info!("feeding the kernel, crediting {bits} bits per byte"),
+        kernel::Credit::Auto => info!(
+            "feeding the kernel, crediting each key's bytes with 7/8 of its min-entropy \
+             estimate (at most {} bits per byte; none before its first estimate)",
+            kernel::AUTO_MAX_BITS
+        ),
     }
     tokio::spawn(async move {
-        if let Err(e) = kernel::run_with(config, rx, st, sink, closes, generations).await {
+        if let Err(e) = kernel::run_with(config, rx, st, sink, keys, generations).await {
             warn!("kernel output stopped: {e}");
         }
     });
