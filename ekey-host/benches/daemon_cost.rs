@@ -9,7 +9,8 @@
 //! `EKEY_BENCH_DAEMON` (the binary run as the daemon; default the one cargo
 //! just built, so the README's static build is measured with
 //! `cargo build-static` and
-//! `EKEY_BENCH_DAEMON=target/x86_64-unknown-linux-gnu/release/ekey-host`).
+//! `EKEY_BENCH_DAEMON=$PWD/target/x86_64-unknown-linux-musl/release/ekey-host`;
+//! the path must be absolute, as benches run in the package folder).
 //!
 //! The key is `ekey-host emulate --unix`, a separate process, so the
 //! daemon pays for the socket reads, frame decoding, MACs, the FIPS tests

@@ -819,13 +819,17 @@ fn start_estimate(
 ) {
     let work = move || {
         let t0 = std::time::Instant::now();
+        let size = bytes.len();
         let e = crate::keys::estimate::estimate(&bytes);
-        drop(bytes);
+        window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .done(Some(bytes));
         if let Some(e) = e {
             tracing::debug!(
                 "key {serial}: min-entropy {:.3} bits per byte ({} bytes, {:?})",
                 e.min(),
-                window.lock().unwrap_or_else(|p| p.into_inner()).size(),
+                size,
                 t0.elapsed()
             );
             let after = {
@@ -839,7 +843,6 @@ fn start_estimate(
             st.min_entropy = Some(e);
             set_gate(&mut st, after);
         }
-        window.lock().unwrap_or_else(|p| p.into_inner()).done();
     };
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => drop(rt.spawn_blocking(work)),

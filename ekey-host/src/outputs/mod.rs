@@ -3,7 +3,7 @@
 pub mod egd;
 pub mod file;
 pub mod kernel;
-#[cfg(target_os = "linux")]
+#[cfg(vhost_user)]
 pub mod vhost_user;
 
 use std::io;
@@ -40,8 +40,11 @@ pub enum Error {
     /// Two `--vhost-user-rng` sockets would give guests the same name.
     #[error("--vhost-user-rng: two sockets named {0:?} (a guest is named after its socket's file)")]
     VhostUserName(String),
-    /// vhost-user is Linux's.
-    #[error("--vhost-user-rng and --vhost-user-rng-dir are Linux only")]
+    /// vhost-user is Linux's, and a build feature.
+    #[error(
+        "--vhost-user-rng and --vhost-user-rng-dir are Linux only, and this ekey-host was \
+         built without them (cargo feature `vhost-user`, on by default)"
+    )]
     VhostUserUnsupported,
     /// The TLS files cannot be used.
     #[cfg(feature = "tls")]
@@ -83,27 +86,27 @@ pub(crate) struct EgdStarted {
 }
 
 /// The vhost-user guests' counters.
-#[cfg(target_os = "linux")]
+#[cfg(vhost_user)]
 pub(crate) type VhostStats = vhost_user::SharedStats;
 /// No vhost-user here.
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(vhost_user))]
 pub(crate) type VhostStats = Arc<Mutex<()>>;
 
 /// The vhost-user guests' counters as JSON (status `vhost_user`).
 pub(crate) fn vhost_json(stats: &VhostStats) -> serde_json::Value {
     let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-    #[cfg(target_os = "linux")]
+    #[cfg(vhost_user)]
     {
         stats.to_json()
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(vhost_user))]
     {
         let () = *stats;
         serde_json::Value::Null
     }
 }
 
-#[cfg(target_os = "linux")]
+#[cfg(vhost_user)]
 impl vhost_user::Connector for egd::InternalConnector {
     fn connect(&self, name: &str) -> Option<tokio::io::DuplexStream> {
         egd::InternalConnector::connect(self, name)
@@ -120,7 +123,7 @@ fn socket_mode(o: &Outputs) -> Result<u32, Error> {
 
 /// The vhost-user sockets and folder asked for, and an in-process
 /// listener for their guests.
-#[cfg(target_os = "linux")]
+#[cfg(vhost_user)]
 struct VhostPlan {
     sockets: Vec<(PathBuf, String)>,
     /// `--egd-mode` and `--egd-group`, for the sockets.
@@ -131,7 +134,7 @@ struct VhostPlan {
 }
 
 /// Checks the vhost-user options and makes the hub's in-process listener.
-#[cfg(target_os = "linux")]
+#[cfg(vhost_user)]
 fn plan_vhost(
     o: &Outputs,
     listeners: &mut Vec<egd::EgdListener>,
@@ -171,7 +174,7 @@ fn plan_vhost(
 }
 
 /// Serves the planned vhost-user sockets (once the hub runs).
-#[cfg(target_os = "linux")]
+#[cfg(vhost_user)]
 fn start_vhost(plan: VhostPlan) -> Result<(VhostStats, Vec<PathBuf>), Error> {
     let stats = VhostStats::default();
     let connector: Arc<dyn vhost_user::Connector> = Arc::new(plan.connector);
@@ -362,9 +365,9 @@ pub(crate) async fn start_egd(
         #[cfg(not(unix))]
         match l {}
     }
-    #[cfg(target_os = "linux")]
+    #[cfg(vhost_user)]
     let vhost_plan = plan_vhost(o, &mut listeners)?;
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(vhost_user))]
     if !o.vhost_user_rng.is_empty() || o.vhost_user_rng_dir.is_some() {
         return Err(Error::VhostUserUnsupported);
     }
@@ -380,7 +383,7 @@ pub(crate) async fn start_egd(
             warn!("EGD server stopped: {e}");
         }
     });
-    #[cfg(target_os = "linux")]
+    #[cfg(vhost_user)]
     let (vhost, vhost_sockets) = match vhost_plan {
         Some(plan) => {
             let (stats, paths) = start_vhost(plan)?;
@@ -388,7 +391,7 @@ pub(crate) async fn start_egd(
         }
         None => (None, Vec::new()),
     };
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(vhost_user))]
     let (vhost, vhost_sockets) = (None, Vec::new());
     Ok(EgdStarted {
         tx: Some(tx),
