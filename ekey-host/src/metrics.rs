@@ -357,6 +357,10 @@ fn key_output_metrics(m: &mut Metrics<'_>, s: &Snapshot) {
         "key_kernel_bits_credited",
         "Entropy bits credited to the kernel for the key's bytes",
     );
+    let kernel_credit = m.gauge(
+        "key_kernel_credit_bits_per_byte",
+        "With --kernel=auto: the bits per byte the key's latest bytes were credited with (7/8 of its min-entropy estimate)",
+    );
     let egd_served = m.counter(
         "key_egd_served_bytes",
         "Bytes of the key that EGD clients received (of those handed to the EGD pool)",
@@ -390,6 +394,9 @@ fn key_output_metrics(m: &mut Metrics<'_>, s: &Snapshot) {
             let accepted = k.booked_in(&kst.bytes_by_key);
             add(&kernel_accepted, &l, accepted);
             add(&kernel_bits, &l, k.booked_in(&kst.bits_by_key));
+            if let Some(b) = k.serial.and_then(|serial| kst.credit_by_key.get(&serial)) {
+                set(&kernel_credit, &l, i64::from(*b));
+            }
         }
         if let Some(e) = &s.egd {
             let served = k.booked_in(&e.served_by_key);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Daemon, Scratch, wait_for};
+use support::{Daemon, Scratch, is_root, wait_for};
 
 /// How many idle connections the busy peer opens.
 const HOGS: usize = 300;
@@ -26,13 +26,6 @@ const HOGS: usize = 300;
 fn port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Makes sure this process (and so the daemon and helpers it starts) may

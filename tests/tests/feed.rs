@@ -6,30 +6,12 @@ mod support;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 
-use support::{Daemon, Scratch, ekey_host, wait_for};
+use support::{Daemon, Scratch, ekey_host, has_cap_sys_admin, is_root, wait_for};
 
 /// A free port on loopback (the kernel's choice), released for the test.
 fn port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// Whether CAP_SYS_ADMIN (bit 21) is in this process's effective set
-/// (root in a default container lacks it).
-fn has_cap_sys_admin() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << 21) != 0)
 }
 
 /// The software-key daemon serving EGD on `addr`.

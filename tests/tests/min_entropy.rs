@@ -7,7 +7,10 @@ mod support;
 
 use std::process::Command;
 
-use support::{DEMO_KEYRING, Daemon, Emulator, Scratch, ekey_host, wait_for};
+use support::{
+    DEMO_KEYRING, Daemon, Emulator, Scratch, ekey_host, get, has_cap_sys_admin, is_root, samples,
+    wait_for,
+};
 
 #[test]
 fn estimates_are_shown_and_a_floor_above_them_closes_the_gate() {
@@ -85,8 +88,8 @@ fn bad_min_entropy_options_are_refused() {
 
 #[test]
 fn kernel_auto_credits_nothing_before_the_first_estimate_then_seven_eighths_of_it() {
-    if !is_root() {
-        eprintln!("skipped: feeding the kernel needs root");
+    if !is_root() || !has_cap_sys_admin() {
+        eprintln!("skipped: feeding the kernel needs root with CAP_SYS_ADMIN");
         return;
     }
     let dir = Scratch::new("kernel-auto");
@@ -99,25 +102,27 @@ fn kernel_auto_credits_nothing_before_the_first_estimate_then_seven_eighths_of_i
         "--rate",
         "40000",
     ]);
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
     let daemon = Daemon::for_key(
         &dir,
         &emu.path,
         &ring,
-        &["--kernel=auto", "--kernel-interval", "200ms"],
+        &[
+            "--kernel=auto",
+            "--kernel-interval",
+            "200ms",
+            "--metrics",
+            &metrics,
+        ],
     );
     let mut st = serde_json::Value::Null;
     let ok = wait_for(30, || {
         st = daemon.status();
         st["kernel"]["bits_credited"].as_u64().unwrap_or(0) > 0
     });
-    if !ok
-        && std::fs::read_to_string(dir.path("daemon.log"))
-            .unwrap_or_default()
-            .contains("CAP_SYS_ADMIN")
-    {
-        eprintln!("skipped: root without CAP_SYS_ADMIN here");
-        return;
-    }
     assert!(ok, "nothing credited: {st}");
     let k = &st["kernel"];
     let a = &st["keys"][0]["accounting"];
@@ -142,6 +147,21 @@ fn kernel_auto_credits_nothing_before_the_first_estimate_then_seven_eighths_of_i
     assert_eq!(a["kernel_bits_credited"], k["bits_credited"]);
     assert_eq!(k["ioctl_failures"], 0);
     assert_eq!(k["credit"], "auto");
+    // The metrics: the key's credit per byte now, and the uncredited bytes
+    // (at least those of the status read before).
+    let (_, _, body) = get(&metrics, "/metrics");
+    let m = samples(&body);
+    let series = |prefix: &str| {
+        m.iter()
+            .find(|(name, _)| name.starts_with(prefix))
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {prefix} in {body}"))
+    };
+    assert_eq!(
+        series("ekey_key_kernel_credit_bits_per_byte{"),
+        credit as f64
+    );
+    assert!(series("ekey_kernel_bytes_uncredited_total") >= uncredited as f64);
     // And in words.
     let text = Command::new(ekey_host())
         .args(["status", "--control"])
@@ -174,11 +194,4 @@ fn kernel_auto_without_estimates_is_refused() {
         err.contains("--kernel=auto credits the kernel by the keys' min-entropy estimates, but --min-entropy-window 0 turns them off"),
         "{err}"
     );
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

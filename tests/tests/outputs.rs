@@ -95,7 +95,7 @@ fn qemu_style_egd_clients_get_exactly_what_they_ask_for_from_the_key() {
 
 #[test]
 fn kernel_output_credits_the_configured_bits() {
-    if !nix_is_root() {
+    if !support::is_root() {
         eprintln!("skipped: feeding the kernel needs root");
         return;
     }
@@ -161,13 +161,6 @@ fn kernel_output_credits_the_configured_bits() {
     let reseeds = k["reseeds"].as_u64().unwrap();
     assert!(reseeds <= 1 + secs / 2, "{reseeds} reseeds in {secs} s");
     assert!(k["bytes_written"].as_u64().unwrap() >= 64 * reseeds, "{k}");
-}
-
-fn nix_is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 #[test]

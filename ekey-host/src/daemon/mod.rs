@@ -158,17 +158,25 @@ pub(crate) fn reload_keyring(
 /// Every key's status, growing as keys are plugged in.
 pub(crate) type SharedStatuses = Arc<Mutex<Vec<SharedStatus>>>;
 
+/// `f` of each status entry of the key `serial` (a key has one, unless it
+/// moved between transports).
+fn of_key<T>(statuses: &SharedStatuses, serial: &Serial, f: impl Fn(&KeyStatus) -> T) -> Vec<T> {
+    let list = statuses.lock().unwrap_or_else(|p| p.into_inner());
+    list.iter()
+        .filter_map(|st| {
+            let st = st.lock().unwrap_or_else(|p| p.into_inner());
+            (st.serial == Some(*serial)).then(|| f(&st))
+        })
+        .collect()
+}
+
 /// How many times each key's health gate has closed, for the outputs (they
 /// withdraw bytes released before the latest closing).
 pub(crate) fn gate_closes(statuses: &SharedStatuses) -> driver::GateCloses {
     let statuses = statuses.clone();
     Arc::new(move |serial: &Serial| {
-        let list = statuses.lock().unwrap_or_else(|p| p.into_inner());
-        list.iter()
-            .filter_map(|st| {
-                let st = st.lock().unwrap_or_else(|p| p.into_inner());
-                (st.serial == Some(*serial)).then_some(st.gate.counters.times_closed)
-            })
+        of_key(&statuses, serial, |st| st.gate.counters.times_closed)
+            .into_iter()
             .max()
             .unwrap_or(0)
     })
@@ -179,15 +187,12 @@ pub(crate) fn gate_closes(statuses: &SharedStatuses) -> driver::GateCloses {
 pub(crate) fn auto_credits(statuses: &SharedStatuses) -> kernel::KeyCredits {
     let statuses = statuses.clone();
     Arc::new(move |serial: &Serial| {
-        let list = statuses.lock().unwrap_or_else(|p| p.into_inner());
-        list.iter()
-            .filter_map(|st| {
-                let st = st.lock().unwrap_or_else(|p| p.into_inner());
-                (st.serial == Some(*serial))
-                    .then(|| kernel::auto_bits(st.min_entropy.map(|e| e.min())))
-            })
-            .min()
-            .unwrap_or(0)
+        of_key(&statuses, serial, |st| {
+            kernel::auto_bits(st.min_entropy.map(|e| e.min()))
+        })
+        .into_iter()
+        .min()
+        .unwrap_or(0)
     })
 }
 

@@ -832,7 +832,10 @@ pub async fn run_with(
     mut generations: Option<tokio::sync::watch::Receiver<u64>>,
 ) -> io::Result<()> {
     let KeyLookups { closes, credits } = keys;
-    let credits = credits.filter(|_| config.auto);
+    // With auto and nothing to look estimates up in, nothing is credited.
+    let credits = config.auto.then(|| {
+        credits.unwrap_or_else(|| Arc::new(|_: &ekey_proto::keys::Serial| 0u8) as KeyCredits)
+    });
     let mut feeder = KernelFeeder::new(config, Instant::now(), sink.initialised());
     tracing::info!("kernel: {}", feeder.mode());
     *stats.lock().unwrap_or_else(|e| e.into_inner()) = feeder.stats().clone();
@@ -1478,6 +1481,29 @@ mod tests {
         assert_eq!(s.bits_credited, 1000 + 80);
         assert_eq!(s.bytes_uncredited, 30);
         assert_eq!(s.bytes_written, 290);
+    }
+
+    #[tokio::test]
+    async fn auto_without_estimates_to_look_up_credits_nothing() {
+        let (tx, rx) = mpsc::channel(8);
+        let stats = Arc::new(Mutex::new(KernelStats::default()));
+        let sink = FakeSink {
+            init_after: usize::MAX,
+            ..FakeSink::default()
+        };
+        let config = KernelConfig::for_credit(Credit::Auto).unwrap();
+        let never: GateCloses = Arc::new(|_: &ekey_proto::keys::Serial| 0);
+        let keys = KeyLookups::fixed(never);
+        let task = tokio::spawn(run_with(config, rx, stats.clone(), sink, keys, None));
+        let key = ekey_proto::keys::Serial([3; 12]);
+        for _ in 0..8 {
+            tx.send(kb(9, key, 0)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = stats.lock().unwrap().clone();
+        assert_eq!(s.bytes_written, 256, "{s:?}");
+        assert_eq!((s.bits_credited, s.bytes_uncredited), (0, 256), "{s:?}");
+        task.abort();
     }
 
     #[tokio::test]

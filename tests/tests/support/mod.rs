@@ -5,6 +5,25 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Whether CAP_SYS_ADMIN (bit 21) is in this process's effective set
+/// (root in a default container lacks it): what feeding the kernel needs.
+pub fn has_cap_sys_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 21) != 0)
+}
+
 /// The `ekey-host` program under test (this package's copy of the binary,
 /// which cargo builds fresh for the integration tests).
 pub fn ekey_host() -> PathBuf {
